@@ -1,0 +1,35 @@
+"""Dead-code elimination, by JAX's own `dce_jaxpr` (which recurses into nested bodies and keeps
+effectful equations); the program's inputs are kept even when unused."""
+from __future__ import annotations
+
+from jax.interpreters import partial_eval as pe
+
+from passes import _compat as C
+from passes.ir import nested_regions
+from passes.pipeline import Pass
+
+
+def count_eqns(jaxpr) -> int:
+    """Equations in a jaxpr, nested bodies included."""
+    total = 0
+    for i, eqn in enumerate(C.open_jaxpr(jaxpr).eqns):
+        total += 1
+        for _, _, sub, _, _ in nested_regions(eqn, "", False):
+            total += count_eqns(sub)
+    return total
+
+
+class DeadCodeElimination(Pass):
+    name = "dce"
+
+    def run_program(self, jaxpr, ctx):
+        body = C.open_jaxpr(jaxpr)
+        new, _ = pe.dce_jaxpr(body, [True] * len(body.outvars), instantiate=True)
+        removed = count_eqns(body) - count_eqns(new)
+        if removed <= 0:
+            return jaxpr, 0
+        new = new.replace(invars=body.invars, constvars=body.constvars)
+        if C.CLOSED_IS_JAXPR:
+            new = new.replace(consts=C.closed_consts(jaxpr)) if C.closed_consts(jaxpr) else new
+            return new, removed
+        return C.ClosedJaxpr(new, jaxpr.consts), removed

@@ -1,0 +1,321 @@
+"""The pass manager: passes, the region walk, fixpoint iteration, checking, stats and dumps."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from typing import Iterable, Sequence
+
+from passes import _compat as C
+from passes.ir import OUTPUT, Region, location, module_path, nested_regions
+from passes.rewrite import Match, Rule, is_replacement, replacement_eqn
+
+DISABLE_ENV = "JAXPASSES_DISABLE"  # comma-separated pass names, off for the whole run
+SITES_ENV = "JAXPASSES_SITES"  # comma-separated site ids: rewrite only these
+CHECK_ENV = "JAXPASSES_CHECK"  # "1": check_jaxpr after every pass
+
+
+class RewriteError(RuntimeError):
+    """A rule or pass failed; the message names it and the equation it was looking at."""
+
+
+class FixpointError(RuntimeError):
+    """The pipeline kept changing the program past its iteration cap."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    pass_name: str
+    rule: str
+    site: str
+    location: str
+    module_path: str
+    region: str
+    primal_only: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Declined:
+    pass_name: str
+    rule: str
+    site: str | None
+    location: str
+    module_path: str
+    reason: str
+
+
+class Context:
+    """What one pipeline run records: rewrites, declines, near misses, timings."""
+
+    def __init__(self, sites=None, debug=False):
+        self.sites = None if sites is None else frozenset(sites)
+        self.debug = debug
+        self.rewrites: list[Rewrite] = []
+        self.declined: list[Declined] = []
+        self.near_misses: list[Declined] = []
+        self.skipped: list[str] = []
+        self.times: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self._site_counter: dict[str, int] = {}
+
+    def next_site(self, pass_name: str) -> str:
+        n = self._site_counter.get(pass_name, 0)
+        self._site_counter[pass_name] = n + 1
+        return f"{pass_name}/{n}"
+
+    def selected(self, site: str) -> bool:
+        return self.sites is None or site in self.sites
+
+    def rewrote(self, pass_name, rule, site, eqn, region):
+        self.rewrites.append(Rewrite(pass_name, rule, site, location(eqn), module_path(eqn),
+                                     region.path, region.primal_only))
+        self.counts[pass_name] = self.counts.get(pass_name, 0) + 1
+
+    def decline(self, pass_name, rule, site, eqn, reason):
+        self.declined.append(Declined(pass_name, rule, site, location(eqn), module_path(eqn), reason))
+
+
+class Pass:
+    """A program transformation with a name.
+
+    Subclasses implement `run(region, ctx) -> number of changes` for one region (the engine walks
+    nested bodies first, then the enclosing region), or override `run_program` for a whole-
+    program transformation.
+    """
+
+    name: str = "pass"
+    # Whether a change by this pass counts as a rewrite in the report (clean-ups do not list
+    # every folded constant).
+    reports_sites: bool = False
+
+    def run(self, region: Region, ctx: Context) -> int:
+        raise NotImplementedError
+
+    def run_program(self, jaxpr, ctx: Context):
+        """(new top-level jaxpr, number of changes)."""
+        return _walk(self, jaxpr, ctx, "", False, {})
+
+    def __repr__(self):
+        return f"<pass {self.name}>"
+
+
+def _walk(pass_, jaxpr, ctx, path, primal_only, memo):
+    key = id(jaxpr)
+    if key in memo:
+        return memo[key]
+    region = Region(jaxpr, path, primal_only)
+    changes = 0
+    for i, eqn in enumerate(region.eqns):
+        if is_replacement(eqn):
+            continue
+        new_params = None
+        for pkey, j, sub, subpath, sub_primal in nested_regions(eqn, f"{path}/{i}", primal_only):
+            new_sub, n = _walk(pass_, sub, ctx, subpath, sub_primal, memo)
+            if n:
+                changes += n
+                new_params = new_params or dict(eqn.params)
+                if j is None:
+                    new_params[pkey] = new_sub
+                else:
+                    seq = list(new_params[pkey])
+                    seq[j] = new_sub
+                    new_params[pkey] = type(eqn.params[pkey])(seq)
+        if new_params is not None:
+            region.eqns[i] = eqn.replace(params=new_params)
+    if changes:
+        region.set_eqns(region.eqns)
+    try:
+        changes += pass_.run(region, ctx)
+    except (RewriteError, NotImplementedError):
+        raise
+    except Exception as e:
+        raise RewriteError(f"pass {pass_.name!r} failed in region {path or '<top>'}: "
+                           f"{type(e).__name__}: {e}") from e
+    result = (region.rebuilt() if changes else jaxpr, changes)
+    memo[key] = result
+    return result
+
+
+class RulePass(Pass):
+    """A pass made of rewrite rules: anchored matching, non-overlapping, priority then order."""
+
+    reports_sites = True
+
+    def __init__(self, name: str, rules: Sequence[Rule]):
+        self.name = name
+        self.rules = list(rules)
+
+    def _match_all(self, region, ctx):
+        found = []
+        for rule in self.rules:
+            for root in rule.roots:
+                for pos in region.positions(root):
+                    if region.eqns[pos].effects:
+                        continue
+                    try:
+                        m = rule.match(region, pos)
+                    except Exception as e:
+                        raise RewriteError(
+                            f"rule {self.name}.{rule.name} raised while matching "
+                            f"`{region.eqns[pos].primitive}` at {location(region.eqns[pos])}: "
+                            f"{type(e).__name__}: {e}") from e
+                    if m:
+                        found.append((-rule.priority, pos, rule, m))
+                    elif ctx.debug:
+                        eqn = region.eqns[pos]
+                        ctx.near_misses.append(Declined(self.name, rule.name, None, location(eqn),
+                                                        module_path(eqn), m.reason))
+        found.sort(key=lambda t: (t[0], t[1]))
+        return found
+
+    def _placement(self, region, m: Match):
+        """Where the replacement goes (an original position), or a reason it cannot."""
+        outputs = set(m.outputs)
+        for p in m.eqns:
+            eqn = region.eqns[p]
+            if eqn.effects:
+                return None, f"the match contains an effectful `{eqn.primitive}`"
+            for v in eqn.outvars:
+                if v in outputs or C.is_dropvar(v):
+                    continue
+                outside = [u for u in region.users(v) if u == OUTPUT or u not in m.eqns]
+                if outside:
+                    return None, (f"intermediate {v} (from `{eqn.primitive}`) is also used "
+                                  f"outside the match")
+        lo = max((region.producer(a) + 1 for a in m.inputs
+                  if region.producer(a) is not None), default=0)
+        hi = min((u for v in m.outputs for u in region.users(v)
+                  if u != OUTPUT and u not in m.eqns), default=len(region.eqns))
+        if lo <= m.root <= hi:
+            return m.root, None
+        if lo > hi:
+            return None, "an output is needed before all inputs are available"
+        return hi, None
+
+    def run(self, region, ctx):
+        taken, inserts = set(), {}
+        for _, pos, rule, m in self._match_all(region, ctx):
+            if m.eqns & taken:
+                continue
+            root_eqn = region.eqns[m.root]
+            site = ctx.next_site(self.name)
+            at, reason = (None, m.declined) if m.declined else self._placement(region, m)
+            if reason is None and not ctx.selected(site):
+                ctx.skipped.append(site)
+                continue
+            if reason is None:
+                try:
+                    new_eqn = replacement_eqn(m, root_eqn, f"{self.name}.{rule.name}")
+                except NotImplementedError as e:
+                    reason = str(e) or "the replacement declined"
+                except Exception as e:
+                    raise RewriteError(
+                        f"rule {self.name}.{rule.name}: building the replacement for "
+                        f"`{root_eqn.primitive}` at {location(root_eqn)} failed: "
+                        f"{type(e).__name__}: {e}") from e
+            if reason is not None:
+                ctx.decline(self.name, rule.name, site, root_eqn, reason)
+                continue
+            taken |= m.eqns
+            inserts.setdefault(at, []).append(new_eqn)
+            ctx.rewrote(self.name, rule.name, site, root_eqn, region)
+        if not inserts:
+            return 0
+        new_eqns = []
+        for i, eqn in enumerate(region.eqns):
+            new_eqns.extend(inserts.get(i, ()))
+            if i not in taken:
+                new_eqns.append(eqn)
+        new_eqns.extend(inserts.get(len(region.eqns), ()))
+        region.set_eqns(new_eqns)
+        return sum(len(v) for v in inserts.values())
+
+
+def _env_list(name) -> list[str]:
+    return [s.strip() for s in os.environ.get(name, "").split(",") if s.strip()]
+
+
+class Pipeline:
+    """Ordered passes, repeated until nothing changes (at most `max_iterations` rounds).
+
+    Args:
+      passes: `Pass` objects, run in order.
+      max_iterations: cap on rounds; reaching it raises `FixpointError` naming the passes that
+        still changed the program.
+      check: run `check_jaxpr` after every pass (default: env JAXPASSES_CHECK=1).
+      dump_dir: write the program before the first pass and after every pass that changed it.
+      disable: pass names to skip (also env JAXPASSES_DISABLE, comma-separated).
+      sites: rewrite only these site ids (from `report.rewrites`; also env JAXPASSES_SITES),
+        to bisect a numerics problem to one site.
+      debug: record near misses (why a candidate root did not match) in the report.
+    """
+
+    def __init__(self, passes: Iterable[Pass], *, max_iterations: int = 8, check: bool | None = None,
+                 dump_dir=None, disable: Iterable[str] = (), sites: Iterable[str] | None = None,
+                 debug: bool = False):
+        self.passes = list(passes)
+        names = [p.name for p in self.passes]
+        for name in list(disable) + _env_list(DISABLE_ENV):
+            if name not in names:
+                raise ValueError(f"cannot disable unknown pass {name!r}; this pipeline has {names}")
+        self.disable = frozenset(disable) | frozenset(_env_list(DISABLE_ENV))
+        self.max_iterations = max_iterations
+        self.check = (os.environ.get(CHECK_ENV) == "1") if check is None else check
+        self.dump_dir = None if dump_dir is None else pathlib.Path(dump_dir)
+        env_sites = _env_list(SITES_ENV)
+        self.sites = None if sites is None and not env_sites else frozenset(sites or ()) | frozenset(env_sites)
+        self.debug = debug
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def replace(self, **changes) -> "Pipeline":
+        """A copy with some constructor arguments changed."""
+        kw = dict(passes=self.passes, max_iterations=self.max_iterations, check=self.check,
+                  dump_dir=self.dump_dir, disable=self.disable, sites=self.sites, debug=self.debug)
+        kw.update(changes)
+        return Pipeline(kw.pop("passes"), **kw)
+
+    def cache_key(self):
+        return (tuple(id(p) for p in self.passes), self.disable, self.sites, self.max_iterations,
+                self.check, self.debug)
+
+    def _dump(self, jaxpr, tag):
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        (self.dump_dir / f"{tag}.txt").write_text(str(jaxpr))
+
+    def run(self, jaxpr, ctx: Context | None = None):
+        """Rewrite a (closed) jaxpr. Returns (new jaxpr, Context)."""
+        ctx = ctx or Context(self.sites, self.debug)
+        if self.dump_dir is not None:
+            self._dump(jaxpr, "00_input")
+        active = [p for p in self.passes if p.name not in self.disable]
+        step = 0
+        for _ in range(self.max_iterations):
+            changed_by = []
+            for p in active:
+                t0 = time.perf_counter()
+                jaxpr, n = p.run_program(jaxpr, ctx)
+                ctx.times[p.name] = ctx.times.get(p.name, 0.0) + time.perf_counter() - t0
+                if not n:
+                    continue
+                changed_by.append(p.name)
+                step += 1
+                if self.check:
+                    try:
+                        C.check_jaxpr(C.open_jaxpr(jaxpr))
+                    except Exception as e:
+                        raise RewriteError(f"pass {p.name!r} produced an invalid program: {e}") from e
+                if self.dump_dir is not None:
+                    self._dump(jaxpr, f"{step:02d}_{p.name}")
+            if not changed_by:
+                return jaxpr, ctx
+        raise FixpointError(
+            f"the pipeline still changed the program after {self.max_iterations} rounds; in the "
+            f"last round these passes changed it: {changed_by}. Disable one with "
+            f"{DISABLE_ENV}=<name> or Pipeline(disable=[...]) to find the culprit.")
+
+    def __repr__(self):
+        return f"Pipeline({self.names})"
