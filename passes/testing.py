@@ -99,3 +99,24 @@ def assert_equivalent(f, g, *args, grads: bool = True, rtol=None, atol=None):
     _compare("value", got, want, ref, rtol, atol)
     if grads:
         _compare("grad", _grads(g, args), _grads(f, args), ref_grads, rtol, atol)
+
+
+def count_primitive(jaxpr, name: str) -> int:
+    """Equations whose primitive is called `name` in a (closed) jaxpr, nested jaxprs included
+    (every parameter holding a jaxpr is searched, kernel bodies and replacements too)."""
+    from passes import _compat as C
+
+    def subjaxprs(value):
+        if C.is_jaxpr(value):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                yield from subjaxprs(v)
+
+    total = 0
+    for eqn in C.open_jaxpr(jaxpr).eqns:
+        total += eqn.primitive.name == name
+        for value in eqn.params.values():
+            for sub in subjaxprs(value):
+                total += count_primitive(sub, name)
+    return total
