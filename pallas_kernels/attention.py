@@ -1,0 +1,992 @@
+"""Attention: flash attention in Pallas (forward and backward), cuDNN, and the XLA reference.
+
+`attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, implementation=None)`
+computes softmax(scale * q k^T + bias, masked) v with the layout of
+`jax.nn.dot_product_attention`: q (batch, q_seq, heads, head_dim), k and v
+(batch, kv_seq, kv_heads, head_dim) with heads % kv_heads == 0 (grouped-query attention).
+`mask` (bool, True = keep) and `bias` (added to the scaled logits) broadcast to
+(batch, heads, q_seq, kv_seq). With `causal` the diagonal is aligned at the end: query i sees
+key j iff j <= i + kv_seq - q_seq. A query whose keys are all masked gets zeros (and passes zero
+gradients). Softmax statistics are float32; the output has q's dtype. `bias` is differentiable
+and its gradient has bias's own shape.
+
+The Pallas implementation is flash attention (Dao et al., 2022; FlashAttention-2, 2023): the
+forward kernel keeps a running max and sum over key blocks and writes the output and the
+log-sum-exp; the backward recomputes probabilities from the log-sum-exp in a dK/dV kernel (one
+program per key block, looping over the query heads of its GQA group, so no atomics) and a
+separate dQ kernel. Causal programs skip the key blocks above the diagonal and mask only the
+blocks that cross it. Sequences are padded to the block sizes internally and the padding masked.
+Logits are kept in base 2 inside the kernels (scale * log2(e) folded in), so the softmax uses
+exp2; the saved log-sum-exp is in base 2 as well.
+
+File layout: config, forward kernel, forward wrapper, backward kernels, backward wrapper,
+custom_vjp wiring, the jnp reference, the implementations and the public function, autotuning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _pallas_compat as compat
+from pallas_kernels._dispatch import Op
+
+LOG2E = 1.4426950408889634
+_F32 = jnp.float32
+_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _is_power_of_2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Block sizes and Triton launch parameters of the Pallas attention kernels.
+
+    Forward: one program per (batch, head, block_q queries), looping over block_k keys.
+    dK/dV: one program per (batch, kv head, block_k_dkv keys), looping over block_q_dkv queries
+    of every head in the group. dQ: one program per (batch, head, block_q_dq queries), looping
+    over block_k_dq keys. All block sizes are powers of two >= 16 (Triton's dot needs them).
+    """
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    block_q_dkv: int = 32
+    block_k_dkv: int = 128
+    block_q_dq: int = 128
+    block_k_dq: int = 32
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 2
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"AttentionConfig.{f.name} must be a positive int, got {value!r}")
+            if f.name.startswith("block") and (not _is_power_of_2(value) or value < 16):
+                raise ValueError(
+                    f"AttentionConfig.{f.name} must be a power of two >= 16, got {value}")
+
+    @property
+    def q_multiple(self) -> int:
+        """Query padding granule: every query block size divides it."""
+        return max(self.block_q, self.block_q_dkv, self.block_q_dq)
+
+    @property
+    def k_multiple(self) -> int:
+        return max(self.block_k, self.block_k_dkv, self.block_k_dq)
+
+    def clamped(self, q_len: int, kv_len: int) -> "AttentionConfig":
+        """Shrink blocks that exceed the (power-of-two rounded) sequence, to limit padding."""
+        qcap = max(16, pl.next_power_of_2(q_len))
+        kcap = max(16, pl.next_power_of_2(kv_len))
+        return dataclasses.replace(
+            self, block_q=min(self.block_q, qcap), block_k=min(self.block_k, kcap),
+            block_q_dkv=min(self.block_q_dkv, qcap), block_k_dkv=min(self.block_k_dkv, kcap),
+            block_q_dq=min(self.block_q_dq, qcap), block_k_dq=min(self.block_k_dq, kcap))
+
+
+def heuristic_config(q_len: int, kv_len: int, head_dim: int, platform: str) -> AttentionConfig:
+    """Block sizes without measurement: Triton flash-attention shapes that fit an H100's
+    registers (dK and dV accumulators of block_k_dkv x head_dim f32 each), or on a CPU large
+    blocks, since interpret mode pays per grid step rather than per flop."""
+    if platform == "cpu":
+        cfg = AttentionConfig(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
+                              block_q_dq=128, block_k_dq=128)
+    elif head_dim <= 64:
+        cfg = AttentionConfig(block_q=128, block_k=64, num_warps=4, num_stages=3,
+                              block_q_dkv=32, block_k_dkv=128, block_q_dq=128, block_k_dq=32,
+                              num_warps_bwd=4, num_stages_bwd=2)
+    else:
+        cfg = AttentionConfig(block_q=128, block_k=64, num_warps=8, num_stages=3,
+                              block_q_dkv=32, block_k_dkv=64, block_q_dq=128, block_k_dq=32,
+                              num_warps_bwd=8, num_stages_bwd=2)
+    return cfg.clamped(q_len, kv_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Which axes of a 4-D mask or bias are full (not broadcast): batch, heads, q_seq, kv_seq."""
+    batch: bool
+    heads: bool
+    q: bool
+    k: bool
+
+    @classmethod
+    def of(cls, shape: Sequence[int]) -> "_Layout":
+        return cls(*(d != 1 for d in shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static a kernel needs (hashable: it is a custom_vjp nondiff argument)."""
+    batch: int
+    heads: int
+    kv_heads: int
+    q_len: int    # real lengths; the arrays the kernels see are padded to q_pad / kv_pad
+    kv_len: int
+    q_pad: int
+    kv_pad: int
+    head_dim: int  # padded head dim
+    scale: float
+    causal: bool
+    mask: _Layout | None
+    bias: _Layout | None
+    config: AttentionConfig
+    platform: str
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def interpret(self) -> bool:
+        return compat.interpret_on(self.platform)
+
+    @property
+    def offset(self) -> int:
+        """Causal diagonal offset: query i sees key j iff j <= i + offset."""
+        return self.kv_len - self.q_len
+
+    def params(self, backward: bool):
+        cfg = self.config
+        if backward:
+            return compat.gpu_compiler_params(num_warps=cfg.num_warps_bwd,
+                                              num_stages=cfg.num_stages_bwd, platform=self.platform)
+        return compat.gpu_compiler_params(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                          platform=self.platform)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared kernel pieces
+
+
+def _dot_nt(a, b):
+    """a @ b.T with float32 accumulation."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+
+
+def _dot_nn(a, b):
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+
+
+def _cdiv(a, b):
+    return lax.div(a + (b - 1), b)
+
+
+def _keep(plan: _Plan, q0, k0, shape, mask_tile, structural: bool, transposed: bool = False):
+    """Boolean keep-mask of a logits tile (None: keep all).
+
+    `shape` is (queries, keys), or (keys, queries) when `transposed`. `structural` adds the
+    causal and key-padding masks; blocks that cannot cross the diagonal or the padding skip them.
+    """
+    keep = None if mask_tile is None else mask_tile != 0
+    if structural and (plan.causal or plan.kv_len != plan.kv_pad):
+        q_axis, k_axis = (1, 0) if transposed else (0, 1)
+        cols = k0 + lax.broadcasted_iota(jnp.int32, shape, k_axis)
+        cond = None
+        if plan.kv_len != plan.kv_pad:
+            cond = cols < plan.kv_len
+        if plan.causal:
+            rows = q0 + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+            causal = cols <= rows + plan.offset
+            cond = causal if cond is None else cond & causal
+        keep = cond if keep is None else keep & cond
+    return keep
+
+
+def _kv_blocks(plan: _Plan, q0, block_q: int, block_k: int):
+    """Key blocks seen by queries [q0, q0 + block_q): [0, n_total); the first n_clean of them need
+    neither the causal nor the padding mask."""
+    n_blocks = plan.kv_pad // block_k
+    n_unpadded = plan.kv_len // block_k
+    if not plan.causal:
+        return n_unpadded, n_blocks
+    last_row = jnp.minimum(q0 + block_q, plan.q_len) - 1
+    n_total = jnp.clip(_cdiv(jnp.maximum(last_row + plan.offset + 1, 0), block_k), 0, n_blocks)
+    n_clean = lax.div(jnp.maximum(q0 + plan.offset + 1, 0), block_k)
+    n_clean = jnp.minimum(jnp.minimum(n_clean, n_unpadded), n_total)
+    return n_clean, n_total
+
+
+def _q_blocks(plan: _Plan, k0, block_q: int, block_k: int):
+    """Query blocks that see keys [k0, k0 + block_k): [start, n_q); those in [start, clean) need
+    the causal or padding mask, the rest do not."""
+    n_q = -(-plan.q_len // block_q)  # blocks holding real queries; the rest is all padding
+    if plan.causal:
+        start = jnp.minimum(lax.div(jnp.maximum(k0 - plan.offset, 0), block_q), n_q)
+        clean = _cdiv(jnp.maximum(k0 + block_k - 1 - plan.offset, 0), block_q)
+        clean = jnp.clip(clean, start, n_q)
+    else:
+        start, clean = 0, 0
+    if plan.kv_len != plan.kv_pad:
+        clean = jnp.where(k0 + block_k > plan.kv_len, n_q, clean)
+    return start, clean, n_q
+
+
+def _split_refs(refs, plan: _Plan):
+    """(q, k, v, mask|None, bias|None, rest...) from a kernel's ref list."""
+    q_ref, k_ref, v_ref, *rest = refs
+    mask_ref = rest.pop(0) if plan.mask is not None else None
+    bias_ref = rest.pop(0) if plan.bias is not None else None
+    return q_ref, k_ref, v_ref, mask_ref, bias_ref, rest
+
+
+def _row_tile(ref, layout: _Layout, k0, block_k: int):
+    """Mask/bias tile for a query block (the ref holds this block's rows and every key)."""
+    return ref[:, pl.ds(k0, block_k)] if layout.k else ref[...]
+
+
+def _row_spec(layout: _Layout, plan: _Plan, block_q: int):
+    """BlockSpec of a 4-D mask/bias for the kernels gridded over (batch, head, query block)."""
+    sq = compat.squeezed
+    shape = (sq, sq, block_q if layout.q else 1, plan.kv_pad if layout.k else 1)
+
+    def index(b, h, i):
+        return (b if layout.batch else 0, h if layout.heads else 0, i if layout.q else 0, 0)
+
+    return pl.BlockSpec(shape, index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward kernel
+
+
+def _fwd_kernel(*refs, plan: _Plan):
+    q_ref, k_ref, v_ref, mask_ref, bias_ref, (o_ref, lse_ref) = _split_refs(refs, plan)
+    cfg = plan.config
+    bq, bk = cfg.block_q, cfg.block_k
+    q0 = pl.program_id(2) * bq
+    q = q_ref[...]
+    qk_scale = plan.scale * LOG2E
+
+    def step(j, carry, structural):
+        m, l, acc = carry
+        k0 = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(k0, bk), :]
+        v = v_ref[pl.ds(k0, bk), :]
+        s = _dot_nt(q, k) * qk_scale
+        if bias_ref is not None:
+            s = s + _row_tile(bias_ref, plan.bias, k0, bk).astype(_F32) * LOG2E
+        mask_tile = None if mask_ref is None else _row_tile(mask_ref, plan.mask, k0, bk)
+        keep = _keep(plan, q0, k0, (bq, bk), mask_tile, structural)
+        if keep is not None:
+            s = jnp.where(keep, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp2(s - shift[:, None])
+        alpha = jnp.exp2(m - shift)
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot_nn(p.astype(v.dtype), v)
+        return m_new, l, acc
+
+    n_clean, n_total = _kv_blocks(plan, q0, bq, bk)
+    carry = (jnp.full((bq,), -jnp.inf, _F32), jnp.zeros((bq,), _F32),
+             jnp.zeros((bq, plan.head_dim), _F32))
+    carry = lax.fori_loop(0, n_clean, functools.partial(step, structural=False), carry)
+    m, l, acc = lax.fori_loop(n_clean, n_total, functools.partial(step, structural=True), carry)
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    # +inf for rows without keys: the backward's exp2(s - lse) is then 0 for every s.
+    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l_safe))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward wrapper
+
+
+def _forward(q, k, v, mask, bias, plan: _Plan):
+    """Padded inputs -> (output, base-2 log-sum-exp of shape (batch, heads, q_pad))."""
+    cfg = plan.config
+    bq = cfg.block_q
+    sq = compat.squeezed
+    d, group = plan.head_dim, plan.group
+    in_specs = [
+        pl.BlockSpec((sq, bq, sq, d), lambda b, h, i: (b, i, h, 0)),
+        pl.BlockSpec((sq, plan.kv_pad, sq, d), lambda b, h, i: (b, 0, h // group, 0)),
+        pl.BlockSpec((sq, plan.kv_pad, sq, d), lambda b, h, i: (b, 0, h // group, 0)),
+    ]
+    args = [q, k, v]
+    for arr, layout in ((mask, plan.mask), (bias, plan.bias)):
+        if layout is not None:
+            in_specs.append(_row_spec(layout, plan, bq))
+            args.append(arr)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, plan=plan),
+        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((plan.batch, plan.heads, plan.q_pad), _F32)),
+        grid=(plan.batch, plan.heads, plan.q_pad // bq),
+        in_specs=in_specs,
+        out_specs=(pl.BlockSpec((sq, bq, sq, d), lambda b, h, i: (b, i, h, 0)),
+                   pl.BlockSpec((sq, sq, bq), lambda b, h, i: (b, h, i))),
+        compiler_params=plan.params(backward=False),
+        interpret=plan.interpret,
+        name="attention_fwd",
+    )(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward kernels
+
+
+def _delta_kernel(o_ref, do_ref, delta_ref):
+    """delta_i = sum_d o_id * do_id: the row term of the softmax backward."""
+    delta_ref[...] = jnp.sum(o_ref[...].astype(_F32) * do_ref[...].astype(_F32), axis=1)
+
+
+def _dkv_kernel(*refs, plan: _Plan):
+    """dK and dV of one key block: loop over the query heads of its GQA group and their query
+    blocks. Works on transposed tiles (keys x queries) so every matmul operand is loaded data."""
+    q_ref, k_ref, v_ref, mask_ref, bias_ref, rest = _split_refs(refs, plan)
+    do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
+    cfg = plan.config
+    bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
+    k0 = pl.program_id(2) * bk
+    k = k_ref[...]
+    v = v_ref[...]
+    qk_scale = plan.scale * LOG2E
+
+    def tile(ref, layout, g, q0):
+        index = ((g,) if layout.heads else ()) + (pl.ds(q0, bq) if layout.q else slice(None),
+                                                  slice(None))
+        return ref[index].T
+
+    def step(i, carry, g, structural):
+        dk, dv = carry
+        q0 = pl.multiple_of(i * bq, bq)
+        q = q_ref[pl.ds(q0, bq), g, :]
+        do = do_ref[pl.ds(q0, bq), g, :]
+        lse = lse_ref[g, pl.ds(q0, bq)]
+        delta = delta_ref[g, pl.ds(q0, bq)]
+        s_t = _dot_nt(k, q) * qk_scale
+        if bias_ref is not None:
+            s_t = s_t + tile(bias_ref, plan.bias, g, q0).astype(_F32) * LOG2E
+        mask_tile = None if mask_ref is None else tile(mask_ref, plan.mask, g, q0)
+        keep = _keep(plan, q0, k0, (bk, bq), mask_tile, structural, transposed=True)
+        if keep is not None:
+            s_t = jnp.where(keep, s_t, -jnp.inf)
+        p_t = jnp.exp2(s_t - lse[None, :])
+        dv = dv + _dot_nn(p_t.astype(do.dtype), do)
+        dp_t = _dot_nt(v, do)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = dk + _dot_nn(ds_t.astype(q.dtype), q)
+        return dk, dv
+
+    start, clean, n_q = _q_blocks(plan, k0, bq, bk)
+
+    def head(g, carry):
+        carry = lax.fori_loop(start, clean, functools.partial(step, g=g, structural=True), carry)
+        return lax.fori_loop(clean, n_q, functools.partial(step, g=g, structural=False), carry)
+
+    zeros = jnp.zeros((bk, plan.head_dim), _F32)
+    dk, dv = lax.fori_loop(0, plan.group, head, (zeros, zeros))
+    dk_ref[...] = (dk * plan.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(*refs, plan: _Plan):
+    q_ref, k_ref, v_ref, mask_ref, bias_ref, rest = _split_refs(refs, plan)
+    do_ref, lse_ref, delta_ref, dq_ref = rest
+    cfg = plan.config
+    bq, bk = cfg.block_q_dq, cfg.block_k_dq
+    q0 = pl.program_id(2) * bq
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    qk_scale = plan.scale * LOG2E
+
+    def step(j, dq, structural):
+        k0 = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(k0, bk), :]
+        v = v_ref[pl.ds(k0, bk), :]
+        s = _dot_nt(q, k) * qk_scale
+        if bias_ref is not None:
+            s = s + _row_tile(bias_ref, plan.bias, k0, bk).astype(_F32) * LOG2E
+        mask_tile = None if mask_ref is None else _row_tile(mask_ref, plan.mask, k0, bk)
+        keep = _keep(plan, q0, k0, (bq, bk), mask_tile, structural)
+        if keep is not None:
+            s = jnp.where(keep, s, -jnp.inf)
+        p = jnp.exp2(s - lse[:, None])
+        ds = p * (_dot_nt(do, v) - delta[:, None])
+        return dq + _dot_nn(ds.astype(k.dtype), k)
+
+    n_clean, n_total = _kv_blocks(plan, q0, bq, bk)
+    dq = jnp.zeros((bq, plan.head_dim), _F32)
+    dq = lax.fori_loop(0, n_clean, functools.partial(step, structural=False), dq)
+    dq = lax.fori_loop(n_clean, n_total, functools.partial(step, structural=True), dq)
+    dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
+
+
+def _dbias_kernel(*refs, plan: _Plan):
+    """One tile of d(bias): the logits gradient summed over the axes the bias broadcasts along.
+
+    Inputs are whole arrays; the program loops over the (batch, head, query block, key block)
+    tiles that fold into its output tile, so nothing of size (batch, heads, q, kv) is stored
+    unless the bias itself has that shape.
+    """
+    q_ref, k_ref, v_ref, mask_ref, bias_ref, rest = _split_refs(refs, plan)
+    do_ref, lse_ref, delta_ref, dbias_ref = rest
+    cfg, lay = plan.config, plan.bias
+    bq, bk = cfg.block_q_dq, cfg.block_k_dq
+    qk_scale = plan.scale * LOG2E
+    pb, ph, pi, pj = (pl.program_id(a) for a in range(4))
+    n_b = 1 if lay.batch else plan.batch
+    n_h = 1 if lay.heads else plan.heads
+    n_i = 1 if lay.q else -(-plan.q_len // bq)
+    n_j = 1 if lay.k else plan.kv_pad // bk
+
+    def index(layout, b, h, q0, k0):
+        return (b if layout.batch else 0, h if layout.heads else 0,
+                pl.ds(q0, bq) if layout.q else slice(None),
+                pl.ds(k0, bk) if layout.k else slice(None))
+
+    def step(t, acc):
+        t, j = lax.div(t, n_j), lax.rem(t, n_j)
+        t, i = lax.div(t, n_i), lax.rem(t, n_i)
+        b, h = lax.div(t, n_h), lax.rem(t, n_h)
+        b = pb if lay.batch else b
+        h = ph if lay.heads else h
+        q0 = pl.multiple_of((pi if lay.q else i) * bq, bq)
+        k0 = pl.multiple_of((pj if lay.k else j) * bk, bk)
+        kv_h = h // plan.group
+        q = q_ref[b, pl.ds(q0, bq), h, :]
+        k = k_ref[b, pl.ds(k0, bk), kv_h, :]
+        v = v_ref[b, pl.ds(k0, bk), kv_h, :]
+        do = do_ref[b, pl.ds(q0, bq), h, :]
+        lse = lse_ref[b, h, pl.ds(q0, bq)]
+        delta = delta_ref[b, h, pl.ds(q0, bq)]
+        s = _dot_nt(q, k) * qk_scale + bias_ref[index(lay, b, h, q0, k0)].astype(_F32) * LOG2E
+        mask_tile = None if mask_ref is None else mask_ref[index(plan.mask, b, h, q0, k0)]
+        keep = _keep(plan, q0, k0, (bq, bk), mask_tile, structural=True)
+        if keep is not None:
+            s = jnp.where(keep, s, -jnp.inf)
+        p = jnp.exp2(s - lse[:, None])
+        ds = p * (_dot_nt(do, v) - delta[:, None])
+        if not lay.q:
+            ds = jnp.sum(ds, axis=0, keepdims=True)
+        if not lay.k:
+            ds = jnp.sum(ds, axis=1, keepdims=True)
+        return acc + ds
+
+    acc = jnp.zeros((bq if lay.q else 1, bk if lay.k else 1), _F32)
+    dbias_ref[...] = lax.fori_loop(0, n_b * n_h * n_i * n_j, step, acc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward wrapper
+
+
+def _backward(q, k, v, mask, bias, out, lse, do, plan: _Plan):
+    cfg = plan.config
+    sq = compat.squeezed
+    d, group = plan.head_dim, plan.group
+    B, H, Hkv = plan.batch, plan.heads, plan.kv_heads
+    params = plan.params(backward=True)
+    mask_bias = [(arr, lay) for arr, lay in ((mask, plan.mask), (bias, plan.bias))
+                 if lay is not None]
+
+    bq = cfg.block_q_dq
+    row_block = pl.BlockSpec((sq, bq, sq, d), lambda b, h, i: (b, i, h, 0))
+    stat_block = pl.BlockSpec((sq, sq, bq), lambda b, h, i: (b, h, i))
+    stat_shape = jax.ShapeDtypeStruct((B, H, plan.q_pad), _F32)
+    delta = pl.pallas_call(
+        _delta_kernel, out_shape=stat_shape, grid=(B, H, plan.q_pad // bq),
+        in_specs=[row_block, row_block], out_specs=stat_block,
+        compiler_params=params, interpret=plan.interpret, name="attention_bwd_delta",
+    )(out, do)
+
+    # dK, dV: grid over (batch, kv head, key block).
+    bk = cfg.block_k_dkv
+    group_rows = pl.BlockSpec((sq, plan.q_pad, group, d), lambda b, h, j: (b, 0, h, 0))
+    group_stats = pl.BlockSpec((sq, group, plan.q_pad), lambda b, h, j: (b, h, 0))
+    key_block = pl.BlockSpec((sq, bk, sq, d), lambda b, h, j: (b, j, h, 0))
+
+    def group_spec(layout):
+        shape = (sq, group if layout.heads else sq, plan.q_pad if layout.q else 1,
+                 bk if layout.k else 1)
+        return pl.BlockSpec(shape, lambda b, h, j: (b if layout.batch else 0,
+                                                    h if layout.heads else 0, 0,
+                                                    j if layout.k else 0))
+
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, plan=plan),
+        out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        grid=(B, Hkv, plan.kv_pad // bk),
+        in_specs=[group_rows, key_block, key_block, *(group_spec(lay) for _, lay in mask_bias),
+                  group_rows, group_stats, group_stats],
+        out_specs=(key_block, key_block),
+        compiler_params=params, interpret=plan.interpret, name="attention_bwd_dkv",
+    )(q, k, v, *(arr for arr, _ in mask_bias), do, lse, delta)
+
+    # dQ: grid over (batch, head, query block).
+    all_keys = pl.BlockSpec((sq, plan.kv_pad, sq, d), lambda b, h, i: (b, 0, h // group, 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, plan=plan),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(B, H, plan.q_pad // bq),
+        in_specs=[row_block, all_keys, all_keys, *(_row_spec(lay, plan, bq) for _, lay in mask_bias),
+                  row_block, stat_block, stat_block],
+        out_specs=row_block,
+        compiler_params=params, interpret=plan.interpret, name="attention_bwd_dq",
+    )(q, k, v, *(arr for arr, _ in mask_bias), do, lse, delta)
+
+    dbias = None
+    if bias is not None:
+        lay = plan.bias
+        bk = cfg.block_k_dq
+        out_block = (bq if lay.q else 1, bk if lay.k else 1)
+        grid = (bias.shape[0], bias.shape[1], bias.shape[2] // out_block[0],
+                bias.shape[3] // out_block[1])
+        whole = [pl.BlockSpec(a.shape, lambda *_, n=a.ndim: (0,) * n)
+                 for a in (q, k, v, *(arr for arr, _ in mask_bias), do, lse, delta)]
+        dbias = pl.pallas_call(
+            functools.partial(_dbias_kernel, plan=plan),
+            out_shape=jax.ShapeDtypeStruct(bias.shape, _F32),
+            grid=grid,
+            in_specs=whole,
+            out_specs=pl.BlockSpec((sq, sq, *out_block), lambda b, h, i, j: (b, h, i, j)),
+            compiler_params=params, interpret=plan.interpret, name="attention_bwd_dbias",
+        )(q, k, v, *(arr for arr, _ in mask_bias), do, lse, delta).astype(bias.dtype)
+    return dq, dk, dv, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# custom_vjp wiring
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, bias, mask, plan):
+    return _forward(q, k, v, mask, bias, plan)[0]
+
+
+def _flash_fwd(q, k, v, bias, mask, plan):
+    out, lse = _forward(q, k, v, mask, bias, plan)
+    return out, (q, k, v, bias, mask, out, lse)
+
+
+def _flash_bwd(plan, residuals, do):
+    q, k, v, bias, mask, out, lse = residuals
+    dq, dk, dv, dbias = _backward(q, k, v, mask, bias, out, lse, do, plan)
+    return dq, dk, dv, dbias, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_axis(x, axis: int, size: int):
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "platform"))
+def _flash_attention(q, k, v, mask, bias, *, causal, scale, config, platform):
+    """Pad to the block sizes (and a power-of-two head dim), run the kernels, slice the result."""
+    B, q_len, H, head_dim = q.shape
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    q_pad = _round_up(q_len, config.q_multiple)
+    kv_pad = _round_up(kv_len, config.k_multiple)
+    d_pad = max(16, pl.next_power_of_2(head_dim))
+    q = _pad_axis(_pad_axis(q, 1, q_pad), 3, d_pad)
+    k = _pad_axis(_pad_axis(k, 1, kv_pad), 3, d_pad)
+    v = _pad_axis(_pad_axis(v, 1, kv_pad), 3, d_pad)
+    if mask is not None:
+        mask = mask.astype(jnp.int8)  # bool refs are not portable to Triton
+        mask = _pad_axis(_pad_axis(mask, 2, q_pad if mask.shape[2] != 1 else 1), 3,
+                         kv_pad if mask.shape[3] != 1 else 1)
+    if bias is not None:
+        bias = _pad_axis(_pad_axis(bias, 2, q_pad if bias.shape[2] != 1 else 1), 3,
+                         kv_pad if bias.shape[3] != 1 else 1)
+    plan = _Plan(batch=B, heads=H, kv_heads=Hkv, q_len=q_len, kv_len=kv_len, q_pad=q_pad,
+                 kv_pad=kv_pad, head_dim=d_pad, scale=scale, causal=causal,
+                 mask=None if mask is None else _Layout.of(mask.shape),
+                 bias=None if bias is None else _Layout.of(bias.shape),
+                 config=config, platform=platform)
+    out = _flash(q, k, v, bias, mask, plan)
+    return out[:, :q_len, :, :head_dim]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (jnp): the "xla" implementation and the semantics every implementation follows
+
+
+def _grouped(x, kv_heads: int, group: int):
+    """(b, heads|1, q, k) -> (b, kv_heads|1, group|1, q, k), matching q's (kv_head, group) split."""
+    if x.shape[1] == 1:
+        return x[:, :, None]
+    return x.reshape(x.shape[0], kv_heads, group, *x.shape[2:])
+
+
+def attention_reference(q, k, v, *, causal=False, mask=None, bias=None, scale=None):
+    """Plain jnp attention with the semantics of `attention` (mask and bias already 4-D).
+
+    Logits and softmax in float32 (float64 for float64 inputs); rows without keys give zeros.
+    """
+    B, q_len, H, D = q.shape
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    group = H // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    acc = jnp.promote_types(q.dtype, _F32)
+    qg = q.reshape(B, q_len, Hkv, group, D)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=acc) * scale
+    if bias is not None:
+        s = s + _grouped(bias, Hkv, group).astype(acc)
+    keep = None if mask is None else _grouped(mask, Hkv, group)
+    if causal:
+        rows = jnp.arange(q_len)[:, None]
+        cols = jnp.arange(kv_len)[None, :]
+        tri = cols <= rows + (kv_len - q_len)
+        keep = tri if keep is None else keep & tri
+    if keep is not None:
+        s = jnp.where(keep, s, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m))
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(l == 0.0, 1.0, l)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=acc)
+    return out.reshape(B, q_len, H, D).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations and the public function
+
+attention_op = Op("attention")
+
+
+def _unsupported_by_kernel(q, k, platform: str) -> str | None:
+    if platform not in ("gpu", "cpu"):
+        return f"the Pallas attention kernel targets GPUs (Triton) and CPUs (interpret mode), not {platform}"
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"dtype {q.dtype} is not supported (float32, bfloat16, float16)"
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return "empty sequences are not supported"
+    if platform == "gpu" and q.shape[3] > 256:
+        return f"head_dim {q.shape[3]} > 256 does not fit the Triton kernel's registers"
+    return None
+
+
+def _spec(x):
+    return None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def pallas_attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
+                     config: AttentionConfig | None = None):
+    """The Pallas implementation, with an optional explicit config (else autotuned or heuristic).
+
+    Raises NotImplementedError(reason) for a case the kernel cannot take, including a kernel that
+    fails to lower or compile on this backend (checked once per shape, dtype and config).
+    """
+    q, k, v, mask, bias, scale = _canonicalize(q, k, v, mask, bias, scale)
+    platform = compat.backend()
+    reason = _unsupported_by_kernel(q, k, platform)
+    if reason is not None:
+        raise NotImplementedError(f"pallas: {reason}")
+    if config is None:
+        config = _cached_config(platform, q, k, causal, mask, bias)
+    if config is None:
+        config = heuristic_config(q.shape[1], k.shape[1], q.shape[3], platform)
+    run = functools.partial(_flash_attention, causal=causal, scale=scale, config=config,
+                            platform=platform)
+    _check_kernel_compiles(run, q, k, v, mask, bias, platform)
+    return run(q, k, v, mask, bias)
+
+
+def _check_kernel_compiles(run, q, k, v, mask, bias, platform):
+    """Compile forward and backward once for this signature; a failure declines the call."""
+    def probe(q, k, v, mask, bias, do):
+        out, vjp = jax.vjp(lambda q, k, v, bias: run(q, k, v, mask, bias), q, k, v, bias)
+        return out, vjp(do)
+
+    specs = (_spec(q), _spec(k), _spec(v), _spec(mask), _spec(bias), _spec(q))
+    key = ("attention",) + tuple(None if s is None else (s.shape, str(s.dtype)) for s in specs) + (
+        run.keywords["causal"], run.keywords["scale"], run.keywords["config"])
+    compat.check_compiles(key, probe, specs, platform=platform)
+
+
+@attention_op.register("pallas")
+def _attention_pallas(q, k, v, *, causal, mask, bias, scale):
+    return pallas_attention(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale)
+
+
+@attention_op.register("cudnn")
+def _attention_cudnn(q, k, v, *, causal, mask, bias, scale):
+    platform = compat.backend()
+    if platform != "gpu":
+        raise NotImplementedError(f"cudnn: needs an NVIDIA GPU, the backend is {platform}")
+    if q.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise NotImplementedError(f"cudnn: flash attention takes bfloat16/float16, not {q.dtype}")
+    if mask is not None or bias is not None:
+        raise NotImplementedError(
+            "cudnn: masks and biases are not routed to cuDNN, whose output for rows without "
+            "keys is not the zeros this op promises")
+    if causal and q.shape[1] != k.shape[1]:
+        raise NotImplementedError(
+            "cudnn: its causal mask aligns the diagonal at the start; this op aligns it at the "
+            "end when q_seq != kv_seq")
+
+    def run(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            implementation="cudnn")
+
+    def probe(q, k, v, do):
+        out, vjp = jax.vjp(run, q, k, v)
+        return out, vjp(do)
+
+    specs = (_spec(q), _spec(k), _spec(v), _spec(q))
+    key = ("attention_cudnn",) + tuple((s.shape, str(s.dtype)) for s in specs) + (causal, scale)
+    compat.check_compiles(key, probe, specs, platform=platform)
+    return run(q, k, v)
+
+
+@attention_op.register("xla")
+def _attention_xla(q, k, v, *, causal, mask, bias, scale):
+    return attention_reference(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale)
+
+
+def _as_4d(x, name: str, target: tuple[int, int, int, int]):
+    if x.ndim > 4:
+        raise ValueError(f"attention: {name} has {x.ndim} dims; it must broadcast to "
+                         f"(batch, heads, q_seq, kv_seq) = {target}")
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    for size, want, axis in zip(x.shape, target, ("batch", "heads", "q_seq", "kv_seq")):
+        if size not in (1, want):
+            raise ValueError(
+                f"attention: {name} of shape {x.shape} does not broadcast to (batch, heads, "
+                f"q_seq, kv_seq) = {target}: its {axis} axis is {size}, expected 1 or {want}")
+    return x
+
+
+def _canonicalize(q, k, v, mask, bias, scale):
+    """Check shapes and dtypes; mask and bias become 4-D, scale a Python float."""
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(
+                f"attention: {name} must be (batch, seq, heads, head_dim), got shape {x.shape}; "
+                "add a batch axis with x[None] for unbatched inputs")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"attention: {name} must be floating point, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}; cast them to one (e.g. the compute dtype)")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v shapes differ: {k.shape} vs {v.shape}")
+    B, q_len, H, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"attention: q {q.shape} and k {k.shape} must agree on batch and head_dim")
+    if H % k.shape[2] != 0:
+        raise ValueError(f"attention: q heads ({H}) must be a multiple of k/v heads "
+                         f"({k.shape[2]}) for grouped-query attention")
+    target = (B, H, q_len, k.shape[1])
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"attention: mask must be boolean (True = keep), got {mask.dtype}; "
+                            "pass additive masks as bias")
+        mask = _as_4d(mask, "mask", target)
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise TypeError(f"attention: bias must be floating point, got {bias.dtype}")
+        bias = _as_4d(bias, "bias", target)
+    if scale is None:
+        scale = D ** -0.5
+    else:
+        try:
+            scale = float(scale)
+        except (TypeError, jax.errors.ConcretizationTypeError) as e:
+            raise TypeError("attention: scale must be a concrete number (it selects the kernel); "
+                            "to use a traced scale, multiply q by it and pass scale=1.0") from e
+    return q, k, v, mask, bias, scale
+
+
+def attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, implementation=None):
+    """Scaled dot-product attention; see the module docstring for the exact semantics.
+
+    Args:
+      q: (batch, q_seq, heads, head_dim). k, v: (batch, kv_seq, kv_heads, head_dim).
+      causal: query i sees key j iff j <= i + kv_seq - q_seq.
+      mask: bool, True = keep, broadcastable to (batch, heads, q_seq, kv_seq).
+      bias: float, added to the scaled logits, same broadcasting; differentiable.
+      scale: logit scale, default head_dim ** -0.5.
+      implementation: None (pick), "pallas", "cudnn", "xla", or an ordered list of them.
+    Returns:
+      (batch, q_seq, heads, head_dim) in q's dtype.
+    """
+    q, k, v, mask, bias, scale = _canonicalize(q, k, v, mask, bias, scale)
+    return attention_op(q, k, v, causal=bool(causal), mask=mask, bias=bias, scale=scale,
+                        implementation=implementation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning and implementation choice on a GPU
+#
+# `autotune` times a small space of configs on the device and `rank_implementations` times the
+# implementations; both keep their results in a JSON file (PALLAS_KERNELS_CACHE, default
+# ~/.cache/pallas_kernels/attention.json) keyed by device kind, shapes, dtype and flags. The
+# Pallas implementation reads the config from it; `implementation=None` on a GPU follows the
+# measured ranking, and without one picks cuDNN, then XLA (our kernel only when measured faster).
+
+_CACHE: dict | None = None
+
+
+def _cache_path() -> str:
+    return os.environ.get("PALLAS_KERNELS_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "pallas_kernels",
+                                       "attention.json"))
+
+
+def _load_cache() -> dict:
+    global _CACHE
+    if _CACHE is None:
+        try:
+            with open(_cache_path()) as f:
+                _CACHE = json.load(f)
+        except (OSError, ValueError):
+            _CACHE = {}
+    return _CACHE
+
+
+def _store(key: str, field: str, value) -> None:
+    cache = _load_cache()
+    cache.setdefault(key, {})[field] = value
+    path = _cache_path()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(cache, f, indent=1, sort_keys=True)
+
+
+def reset_cache() -> None:
+    """Reread the JSON cache on next use (after changing PALLAS_KERNELS_CACHE)."""
+    global _CACHE
+    _CACHE = None
+
+
+def _cache_key(q, k, causal, mask, bias) -> str:
+    kind = jax.devices()[0].device_kind
+    return (f"{kind}|q={tuple(q.shape)}|kv={tuple(k.shape)}|{jnp.dtype(q.dtype).name}|"
+            f"causal={bool(causal)}|mask={None if mask is None else tuple(mask.shape)}|"
+            f"bias={None if bias is None else tuple(bias.shape)}")
+
+
+def _cached_config(platform, q, k, causal, mask, bias) -> AttentionConfig | None:
+    entry = _load_cache().get(_cache_key(q, k, causal, mask, bias), {})
+    return AttentionConfig(**entry["config"]) if "config" in entry else None
+
+
+def _choose(op, args, kwargs) -> list[str]:
+    q, k = args[0], args[1]
+    entry = _load_cache().get(
+        _cache_key(q, k, kwargs["causal"], kwargs["mask"], kwargs["bias"]), {})
+    ranking = list(entry.get("ranking", ["cudnn", "xla"]))
+    return ranking + ([] if "xla" in ranking else ["xla"])
+
+
+attention_op.chooser = _choose
+
+
+def _time_fwd_bwd(fn, q, k, v, mask, bias, repeats: int) -> float:
+    """Median seconds of one forward+backward of fn(q, k, v, mask, bias)."""
+    def loss(q, k, v, bias):
+        return jnp.sum(fn(q, k, v, mask, bias).astype(_F32))
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2) if bias is None else (0, 1, 2, 3)))
+    jax.block_until_ready(step(q, k, v, bias))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(step(q, k, v, bias))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def default_search_space(head_dim: int) -> list[AttentionConfig]:
+    """A small space around the heuristic: forward tiles and warps, backward tiles."""
+    space = []
+    for bq, bk, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+                                  (64, 64, 4, 3)):
+        for bq_dkv, bk_dkv in ((32, 128), (64, 64)) if head_dim <= 64 else ((32, 64), (64, 64)):
+            space.append(AttentionConfig(
+                block_q=bq, block_k=bk, num_warps=warps, num_stages=stages,
+                block_q_dkv=bq_dkv, block_k_dkv=bk_dkv, block_q_dq=128, block_k_dq=32,
+                num_warps_bwd=4 if head_dim <= 64 else 8, num_stages_bwd=2))
+    return space
+
+
+def autotune(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
+             candidates: Sequence[AttentionConfig] | None = None, repeats: int = 5):
+    """Time forward+backward of each candidate config here and remember the fastest.
+
+    Candidates that decline (fail to compile, say) are skipped. Returns (best config, {config:
+    seconds}). Later Pallas calls with the same shapes and dtype on this device kind use it.
+    """
+    q, k, v, mask, bias, scale = _canonicalize(q, k, v, mask, bias, scale)
+    if candidates is None:
+        candidates = default_search_space(q.shape[3])
+    timings = {}
+    for cfg in candidates:
+        fn = functools.partial(_run_pallas_pinned, causal=causal, scale=scale, config=cfg)
+        try:
+            timings[cfg] = _time_fwd_bwd(fn, q, k, v, mask, bias, repeats)
+        except NotImplementedError:
+            continue
+    if not timings:
+        raise NotImplementedError("autotune: no candidate config compiled for this shape")
+    best = min(timings, key=timings.get)
+    _store(_cache_key(q, k, causal, mask, bias), "config", dataclasses.asdict(best))
+    return best, timings
+
+
+def _run_pallas_pinned(q, k, v, mask, bias, *, causal, scale, config):
+    return pallas_attention(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale,
+                            config=config)
+
+
+def rank_implementations(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
+                         repeats: int = 5):
+    """Time forward+backward of every implementation that takes this call and remember the
+    order, fastest first; `implementation=None` on a GPU then follows it. Returns {name: seconds}."""
+    q, k, v, mask, bias, scale = _canonicalize(q, k, v, mask, bias, scale)
+    timings = {}
+    for name in attention_op.impls:
+        def fn(q, k, v, mask, bias, name=name):
+            return attention_op(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale,
+                                implementation=name)
+        try:
+            timings[name] = _time_fwd_bwd(fn, q, k, v, mask, bias, repeats)
+        except NotImplementedError:
+            continue
+    _store(_cache_key(q, k, causal, mask, bias), "ranking", sorted(timings, key=timings.get))
+    return timings
+
+
+def attention_flops(q_shape, kv_len: int, *, causal: bool, backward: bool) -> float:
+    """FLOPs of attention as counted in ANCHORS.md: 4*B*H*Tq*Tk*D (halved when causal), x3.5 with
+    the backward."""
+    B, q_len, H, D = q_shape
+    flops = 4.0 * B * H * q_len * kv_len * D * (0.5 if causal else 1.0)
+    return flops * (3.5 if backward else 1.0)
