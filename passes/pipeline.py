@@ -58,11 +58,19 @@ class Context:
         self.times: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self._site_counter: dict[str, int] = {}
+        self._sites_by_eqn: dict = {}
 
-    def next_site(self, pass_name: str) -> str:
+    def site_for(self, pass_name: str, root_eqn) -> str:
+        """A site id for a match rooted at `root_eqn`, stable across fixpoint rounds."""
+        key = (pass_name, id(root_eqn))
+        known = self._sites_by_eqn.get(key)
+        if known is not None:
+            return known[0]
         n = self._site_counter.get(pass_name, 0)
         self._site_counter[pass_name] = n + 1
-        return f"{pass_name}/{n}"
+        site = f"{pass_name}/{n}"
+        self._sites_by_eqn[key] = (site, root_eqn)  # holding the eqn keeps its id unique
+        return site
 
     def selected(self, site: str) -> bool:
         return self.sites is None or site in self.sites
@@ -199,10 +207,11 @@ class RulePass(Pass):
             if m.eqns & taken:
                 continue
             root_eqn = region.eqns[m.root]
-            site = ctx.next_site(self.name)
+            site = ctx.site_for(self.name, root_eqn)
             at, reason = (None, m.declined) if m.declined else self._placement(region, m)
             if reason is None and not ctx.selected(site):
-                ctx.skipped.append(site)
+                if site not in ctx.skipped:
+                    ctx.skipped.append(site)
                 continue
             if reason is None:
                 try:
