@@ -52,7 +52,33 @@ def _grads(fn, args):
     return list(vjp(cot))
 
 
-def _compare(name, got, want, ref, rtol, atol):
+def _loosest(dtypes) -> tuple[float, float]:
+    tols = [default_tolerance(d) for d in dtypes]
+    return max(t[0] for t in tols), max(t[1] for t in tols)
+
+
+def _float_dtypes(fn, args) -> set:
+    """Floating dtypes of every intermediate value of fn's program (nested bodies included)."""
+    from passes import _compat as C
+
+    found = set()
+
+    def walk(j):
+        for eqn in C.open_jaxpr(j).eqns:
+            for v in eqn.outvars:
+                dt = getattr(v.aval, "dtype", None)
+                if dt is not None and jnp.issubdtype(dt, jnp.floating):
+                    found.add(np.dtype(dt))
+            for value in eqn.params.values():
+                for sub in (value if isinstance(value, (tuple, list)) else [value]):
+                    if C.is_jaxpr(sub):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args))
+    return found
+
+
+def _compare(name, got, want, ref, rtol, atol, compute_dtypes=()):
     got_l, want_l, ref_l = jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(ref)
     if len(got_l) != len(want_l):
         raise AssertionError(f"{name}: {len(got_l)} leaves vs {len(want_l)}")
@@ -63,7 +89,7 @@ def _compare(name, got, want, ref, rtol, atol):
         if not np.issubdtype(w.dtype, np.inexact):
             np.testing.assert_array_equal(g, w, err_msg=f"{name}[{i}]")
             continue
-        rt, at = default_tolerance(w.dtype)
+        rt, at = _loosest({np.dtype(w.dtype), *compute_dtypes})
         rt, at = rtol if rtol is not None else rt, atol if atol is not None else at
         g64, w64, r64 = (np.asarray(a, np.float64) for a in (g, w, r))
         special = ~np.isfinite(w64)
@@ -90,15 +116,18 @@ def assert_equivalent(f, g, *args, grads: bool = True, rtol=None, atol=None):
       args: arguments for both.
       grads: also compare gradients w.r.t. every floating-point array argument (a vjp with a
         fixed random cotangent when the output is not a scalar).
-      rtol, atol: override the per-dtype defaults (see `default_tolerance`).
+      rtol, atol: override the defaults: those of the least precise floating dtype among the
+        results and f's intermediate values (see `default_tolerance`), since a result computed
+        through bf16 carries bf16 rounding whatever its own dtype.
     """
+    compute = _float_dtypes(f, args)
     want, got = f(*args), g(*args)
     with jax.enable_x64(True):
         ref = f(*_to64(args))
         ref_grads = _grads(f, _to64(args)) if grads else None
-    _compare("value", got, want, ref, rtol, atol)
+    _compare("value", got, want, ref, rtol, atol, compute)
     if grads:
-        _compare("grad", _grads(g, args), _grads(f, args), ref_grads, rtol, atol)
+        _compare("grad", _grads(g, args), _grads(f, args), ref_grads, rtol, atol, compute)
 
 
 def count_primitive(jaxpr, name: str) -> int:
