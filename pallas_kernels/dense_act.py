@@ -1,0 +1,524 @@
+"""Dense layers with the activation in the matmul epilogue: `dense_act` and `gated_dense`.
+
+dense_act:   y = act(x @ w + b)
+gated_dense: y = act(x @ w_gate) * (x @ w_up)       (SwiGLU with "silu", GeGLU with "gelu_*")
+
+Forward: a tiled matmul (f32 accumulator, loop over the contraction in `block_k` steps) whose
+epilogue adds the bias, applies the activation (and the gate) and also stores the pre-activations
+the backward needs. Backward: two tiled matmuls that recompute the activation's derivative from the
+saved pre-activations tile by tile, so dL/d(pre-activation) is never written to memory:
+dx = dz @ w^T (one program per dx tile, looping over d_out) and dw = x^T @ dz (one program per dw
+tile, looping over the rows; the program in the first row of tiles also sums db).
+The kernels serve both ops; `kind` says which epilogue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._dispatch import Op, interpret_mode, tuned_config
+
+ACTIVATIONS = ("gelu_tanh", "gelu_erf", "relu", "silu", "identity")
+
+dense_act_op = Op("dense_act")
+gated_dense_op = Op("gated_dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseConfig:
+    """Tile sizes (powers of two, >= 16) for every kernel here.
+
+    Each kernel tiles its output in (block_m, block_n) and steps its contraction by block_k:
+    forward (rows, d_out; d_in), dx (rows, d_in; d_out), dw (d_in, d_out; rows).
+    """
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _fit(dim: int, cap: int) -> int:
+    return max(16, min(cap, pl.next_power_of_2(dim)))
+
+
+def dense_config_heuristic(m: int, n: int, k: int) -> DenseConfig:
+    bm, bn, bk = _fit(m, 128), _fit(n, 128), _fit(k, 64)
+    return DenseConfig(bm, bn, bk, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+
+
+def dense_config_space(m: int, n: int, k: int) -> list[DenseConfig]:
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+              (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)]
+    fitted = {DenseConfig(_fit(m, bm), _fit(n, bn), _fit(k, bk), w, s)
+              for bm, bn, bk, w, s in shapes}
+    return sorted(fitted, key=dataclasses.astuple)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations in float32, as kernel code (tanh/exp only: Triton has no erf).
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_CUBIC = 0.044715
+
+
+def _erfc_nonnegative(a):
+    """erfc(a) for a >= 0, fractional error below 1.2e-7 (Numerical Recipes, 2nd ed., 6.2)."""
+    t = 1.0 / (1.0 + 0.5 * a)
+    poly = 0.17087277
+    for c in (-0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806, 0.09678418,
+              0.37409196, 1.00002368, -1.26551223):
+        poly = c + t * poly
+    return t * jnp.exp(poly - a * a)
+
+
+def _normal_cdf(z):
+    tail = 0.5 * _erfc_nonnegative(jnp.abs(z) * _INV_SQRT_2)
+    return jnp.where(z >= 0, 1.0 - tail, tail)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + jnp.exp(-z))
+
+
+def _activation(name: str, z):
+    if name == "gelu_tanh":
+        return 0.5 * z * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z)))
+    if name == "gelu_erf":
+        return z * _normal_cdf(z)
+    if name == "relu":
+        return jnp.maximum(z, 0.0)
+    if name == "silu":
+        return z * _sigmoid(z)
+    return z
+
+
+def _activation_grad(name: str, z):
+    if name == "gelu_tanh":
+        t = jnp.tanh(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (
+            1.0 + 3.0 * _GELU_CUBIC * z * z)
+    if name == "gelu_erf":
+        return _normal_cdf(z) + z * jnp.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    if name == "relu":
+        return jnp.where(z > 0, 1.0, 0.0)
+    if name == "silu":
+        s = _sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    return jnp.ones_like(z)
+
+
+def _epilogue(kind: str, activation: str, pre):
+    if kind == "dense":
+        return _activation(activation, pre[0])
+    gate, up = pre
+    return _activation(activation, gate) * up
+
+
+def _epilogue_grad(kind: str, activation: str, dy, pre):
+    """d(loss)/d(pre-activations), given dy; `pre` is empty for dense identity."""
+    if kind == "dense":
+        return [dy if activation == "identity" else dy * _activation_grad(activation, pre[0])]
+    gate, up = pre
+    return [dy * up * _activation_grad(activation, gate), dy * _activation(activation, gate)]
+
+
+def _saves_pre(kind: str, activation: str) -> int:
+    """How many pre-activation arrays the backward needs."""
+    return 2 if kind == "gated" else int(activation != "identity")
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked tiles. A bound of None means the dimension divides into blocks and needs no mask.
+
+def _mask(row_ids, col_ids, row_bound, col_bound):
+    mask = None
+    if row_bound is not None:
+        mask = jnp.broadcast_to((row_ids < row_bound)[:, None], (row_ids.size, col_ids.size))
+    if col_bound is not None:
+        cols = jnp.broadcast_to((col_ids < col_bound)[None, :], (row_ids.size, col_ids.size))
+        mask = cols if mask is None else mask & cols
+    return mask
+
+
+def _load_tile(ref, row_ids, col_ids, row_bound, col_bound):
+    mask = _mask(row_ids, col_ids, row_bound, col_bound)
+    if mask is None:
+        return plgpu.load(ref)
+    return plgpu.load(ref, mask=mask, other=0)
+
+
+def _store_tile(ref, value, row_ids, col_ids, row_bound, col_bound):
+    plgpu.store(ref, value.astype(ref.dtype), mask=_mask(row_ids, col_ids, row_bound, col_bound))
+
+
+def _bound(dim: int, block: int):
+    return None if dim % block == 0 else dim
+
+
+def _params(config: DenseConfig):
+    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernel
+
+def _forward_kernel(*refs, kind, activation, n_weights, has_bias, n_pre, m, n, k, block_k):
+    x_ref, *refs = refs
+    w_refs, refs = refs[:n_weights], refs[n_weights:]
+    b_ref = refs.pop(0) if has_bias else None
+    y_ref, pre_refs = refs[0], refs[1:]
+    block_m, block_n = y_ref.shape
+    rows = pl.program_id(0) * block_m + jnp.arange(block_m)
+    cols = pl.program_id(1) * block_n + jnp.arange(block_n)
+    m_bound, n_bound, k_bound = _bound(m, block_m), _bound(n, block_n), _bound(k, block_k)
+
+    def step(s, accs):
+        k0 = pl.multiple_of(s * block_k, block_k)
+        depth = k0 + jnp.arange(block_k)
+        x = _load_tile(x_ref.at[:, pl.ds(k0, block_k)], rows, depth, m_bound, k_bound)
+        return tuple(
+            acc + jnp.dot(x, _load_tile(w_ref.at[pl.ds(k0, block_k), :], depth, cols, k_bound,
+                                        n_bound), preferred_element_type=jnp.float32)
+            for acc, w_ref in zip(accs, w_refs))
+
+    zeros = jnp.zeros((block_m, block_n), jnp.float32)
+    pre = list(lax.fori_loop(0, pl.cdiv(k, block_k), step, (zeros,) * n_weights))
+    if has_bias:
+        bias_mask = None if n_bound is None else cols < n
+        bias = plgpu.load(b_ref, mask=bias_mask, other=0 if bias_mask is not None else None)
+        pre[0] = pre[0] + bias.astype(jnp.float32)[None, :]
+    _store_tile(y_ref, _epilogue(kind, activation, pre), rows, cols, m_bound, n_bound)
+    for ref, value in zip(pre_refs, pre[:n_pre]):
+        _store_tile(ref, value, rows, cols, m_bound, n_bound)
+
+
+# Forward wrapper
+
+def dense_forward(kind: str, activation: str, x, weights, bias, out_dtype, config: DenseConfig):
+    """x [m, k], weights [k, n] each -> (y [m, n] out_dtype, saved pre-activations)."""
+    m, k = x.shape
+    n = weights[0].shape[1]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    k_padded = pl.cdiv(k, bk) * bk
+    n_pre = _saves_pre(kind, activation)
+    operands = [x, *weights] + ([bias] if bias is not None else [])
+    in_specs = ([pl.BlockSpec((bm, k_padded), lambda i, j: (i, 0))]
+                + [pl.BlockSpec((k_padded, bn), lambda i, j: (0, j))] * len(weights)
+                + ([pl.BlockSpec((bn,), lambda i, j: (j,))] if bias is not None else []))
+    tile = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
+    kernel = functools.partial(
+        _forward_kernel, kind=kind, activation=activation, n_weights=len(weights),
+        has_bias=bias is not None, n_pre=n_pre, m=m, n=n, k=k, block_k=bk)
+    y, *pre = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype)]
+        + [jax.ShapeDtypeStruct((m, n), x.dtype)] * n_pre,
+        grid=(pl.cdiv(m, bm), pl.cdiv(n, bn)),
+        in_specs=in_specs,
+        out_specs=[tile] * (1 + n_pre),
+        compiler_params=_params(config),
+        interpret=interpret_mode(),
+        name=f"{kind}_fwd",
+    )(*operands)
+    return y, pre
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernels
+
+def _grad_input_kernel(*refs, kind, activation, n_pre, n_weights, m, n, k, block_k):
+    """dx tile = sum over branches of dz_branch @ w_branch^T, dz recomputed per tile."""
+    dy_ref, *refs = refs
+    pre_refs, refs = refs[:n_pre], refs[n_pre:]
+    w_refs, dx_ref = refs[:n_weights], refs[n_weights]
+    block_m, block_n = dx_ref.shape  # rows of x, columns of x (= rows of w)
+    rows = pl.program_id(0) * block_m + jnp.arange(block_m)
+    x_cols = pl.program_id(1) * block_n + jnp.arange(block_n)
+    m_bound, k_bound, n_bound = _bound(m, block_m), _bound(k, block_n), _bound(n, block_k)
+
+    def step(s, acc):
+        n0 = pl.multiple_of(s * block_k, block_k)
+        out_cols = n0 + jnp.arange(block_k)
+        chunk = pl.ds(n0, block_k)
+        dy = _load_tile(dy_ref.at[:, chunk], rows, out_cols, m_bound, n_bound)
+        pre = [_load_tile(r.at[:, chunk], rows, out_cols, m_bound, n_bound).astype(jnp.float32)
+               for r in pre_refs]
+        dzs = _epilogue_grad(kind, activation, dy.astype(jnp.float32), pre)
+        for dz, w_ref in zip(dzs, w_refs):
+            w = _load_tile(w_ref.at[:, chunk], x_cols, out_cols, k_bound, n_bound)
+            acc = acc + lax.dot_general(dz.astype(w.dtype), w, (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+        return acc
+
+    acc = lax.fori_loop(0, pl.cdiv(n, block_k), step, jnp.zeros((block_m, block_n), jnp.float32))
+    _store_tile(dx_ref, acc, rows, x_cols, m_bound, k_bound)
+
+
+def _grad_weights_kernel(*refs, kind, activation, n_pre, n_weights, has_bias, m, n, k, block_k):
+    """dw tile = x^T @ dz over all rows; the first row of programs also writes db."""
+    x_ref, dy_ref, *refs = refs
+    pre_refs, refs = refs[:n_pre], refs[n_pre:]
+    dw_refs = refs[:n_weights]
+    db_ref = refs[n_weights] if has_bias else None
+    block_m, block_n = dw_refs[0].shape  # columns of x, columns of y
+    x_cols = pl.program_id(0) * block_m + jnp.arange(block_m)
+    out_cols = pl.program_id(1) * block_n + jnp.arange(block_n)
+    k_bound, n_bound, m_bound = _bound(k, block_m), _bound(n, block_n), _bound(m, block_k)
+
+    def step(s, accs):
+        m0 = pl.multiple_of(s * block_k, block_k)
+        rows = m0 + jnp.arange(block_k)
+        chunk = pl.ds(m0, block_k)
+        x = _load_tile(x_ref.at[chunk, :], rows, x_cols, m_bound, k_bound)
+        dy = _load_tile(dy_ref.at[chunk, :], rows, out_cols, m_bound, n_bound)
+        pre = [_load_tile(r.at[chunk, :], rows, out_cols, m_bound, n_bound).astype(jnp.float32)
+               for r in pre_refs]
+        dzs = _epilogue_grad(kind, activation, dy.astype(jnp.float32), pre)
+        dw_accs = tuple(
+            acc + lax.dot_general(x, dz.astype(x.dtype), (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+            for acc, dz in zip(accs[:n_weights], dzs))
+        if has_bias:
+            return dw_accs + (accs[n_weights] + jnp.sum(dzs[0], axis=0),)
+        return dw_accs
+
+    accs = (jnp.zeros((block_m, block_n), jnp.float32),) * n_weights
+    if has_bias:
+        accs += (jnp.zeros((block_n,), jnp.float32),)
+    accs = lax.fori_loop(0, pl.cdiv(m, block_k), step, accs)
+    for dw_ref, acc in zip(dw_refs, accs):
+        _store_tile(dw_ref, acc, x_cols, out_cols, k_bound, n_bound)
+    if has_bias:
+        @pl.when(pl.program_id(0) == 0)
+        def _():
+            plgpu.store(db_ref, accs[n_weights].astype(db_ref.dtype),
+                        mask=None if n_bound is None else out_cols < n)
+
+
+# Backward wrapper
+
+def dense_backward(kind: str, activation: str, x, weights, bias, pre, dy, config: DenseConfig):
+    """(dx, [dw per weight], db or None) for `dense_forward`'s output cotangent dy."""
+    m, k = x.shape
+    n = dy.shape[1]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    n_pre, n_weights = len(pre), len(weights)
+    common = dict(kind=kind, activation=activation, n_pre=n_pre, n_weights=n_weights,
+                  m=m, n=n, k=k, block_k=bk)
+
+    n_padded = pl.cdiv(n, bk) * bk
+    row_chunks = pl.BlockSpec((bm, n_padded), lambda i, j: (i, 0))
+    dx = pl.pallas_call(
+        functools.partial(_grad_input_kernel, **common),
+        out_shape=jax.ShapeDtypeStruct((m, k), x.dtype),
+        grid=(pl.cdiv(m, bm), pl.cdiv(k, bn)),
+        in_specs=[row_chunks] * (1 + n_pre)
+        + [pl.BlockSpec((bn, n_padded), lambda i, j: (j, 0))] * n_weights,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        compiler_params=_params(config),
+        interpret=interpret_mode(),
+        name=f"{kind}_bwd_dx",
+    )(dy, *pre, *weights)
+
+    m_padded = pl.cdiv(m, bk) * bk
+    column_chunks = pl.BlockSpec((m_padded, bn), lambda i, j: (0, j))
+    out_shape = [jax.ShapeDtypeStruct((k, n), w.dtype) for w in weights]
+    out_specs = [pl.BlockSpec((bm, bn), lambda i, j: (i, j))] * n_weights
+    if bias is not None:
+        out_shape.append(jax.ShapeDtypeStruct((n,), bias.dtype))
+        out_specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
+    grads = pl.pallas_call(
+        functools.partial(_grad_weights_kernel, has_bias=bias is not None, **common),
+        out_shape=out_shape,
+        grid=(pl.cdiv(k, bm), pl.cdiv(n, bn)),
+        in_specs=[pl.BlockSpec((m_padded, bm), lambda i, j: (0, i))]
+        + [column_chunks] * (1 + n_pre),
+        out_specs=out_specs,
+        compiler_params=_params(config),
+        interpret=interpret_mode(),
+        name=f"{kind}_bwd_dw",
+    )(x, dy, *pre)
+    return dx, list(grads[:n_weights]), grads[n_weights] if bias is not None else None
+
+
+# ----------------------------------------------------------------------------------------------
+# custom_vjp wiring
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _dense_act_pallas(x, w, b, activation, config):
+    out_dtype = jnp.result_type(x, w, *([b] if b is not None else []))
+    return dense_forward("dense", activation, x, [w], b, out_dtype, config)[0]
+
+
+def _dense_act_pallas_fwd(x, w, b, activation, config):
+    out_dtype = jnp.result_type(x, w, *([b] if b is not None else []))
+    y, pre = dense_forward("dense", activation, x, [w], b, out_dtype, config)
+    return y, (x, w, b, pre)
+
+
+def _dense_act_pallas_bwd(activation, config, residuals, dy):
+    x, w, b, pre = residuals
+    dx, (dw,), db = dense_backward("dense", activation, x, [w], b, pre, dy, config)
+    return dx, dw, db
+
+
+_dense_act_pallas.defvjp(_dense_act_pallas_fwd, _dense_act_pallas_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gated_dense_pallas(x, w_gate, w_up, activation, config):
+    return dense_forward("gated", activation, x, [w_gate, w_up], None, x.dtype, config)[0]
+
+
+def _gated_dense_pallas_fwd(x, w_gate, w_up, activation, config):
+    y, pre = dense_forward("gated", activation, x, [w_gate, w_up], None, x.dtype, config)
+    return y, (x, w_gate, w_up, pre)
+
+
+def _gated_dense_pallas_bwd(activation, config, residuals, dy):
+    x, w_gate, w_up, pre = residuals
+    dx, (dw_gate, dw_up), _ = dense_backward("gated", activation, x, [w_gate, w_up], None, pre,
+                                             dy, config)
+    return dx, dw_gate, dw_up
+
+
+_gated_dense_pallas.defvjp(_gated_dense_pallas_fwd, _gated_dense_pallas_bwd)
+
+
+def _flatten(x, weights):
+    """Promote x and the weights to one dtype and x to [rows, d_in]."""
+    dtype = jnp.result_type(x, *weights)
+    return x.reshape(-1, x.shape[-1]).astype(dtype), [w.astype(dtype) for w in weights]
+
+
+@dense_act_op.register("pallas")
+def dense_act_pallas(x, w, b=None, *, activation: str, config: DenseConfig | None = None):
+    """dense_act through the Pallas kernels; `config` fixes tile sizes (else tuned/heuristic)."""
+    x2d, (w,) = _flatten(x, [w])
+    m, (k, n) = x2d.shape[0], w.shape
+    if config is None:
+        config = tuned_config(f"dense_act/{activation}/pallas", dense_act_pallas, (x, w, b),
+                              {"activation": activation}, dense_config_space(m, n, k),
+                              dense_config_heuristic(m, n, k))
+    y = _dense_act_pallas(x2d, w, b, activation, config)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@gated_dense_op.register("pallas")
+def gated_dense_pallas(x, w_gate, w_up, *, activation: str, config: DenseConfig | None = None):
+    """gated_dense through the Pallas kernels; `config` fixes tile sizes (else tuned/heuristic)."""
+    x2d, (w_gate, w_up) = _flatten(x, [w_gate, w_up])
+    m, (k, n) = x2d.shape[0], w_gate.shape
+    if config is None:
+        config = tuned_config(f"gated_dense/{activation}/pallas", gated_dense_pallas,
+                              (x, w_gate, w_up), {"activation": activation},
+                              dense_config_space(m, n, k), dense_config_heuristic(m, n, k))
+    y = _gated_dense_pallas(x2d, w_gate, w_up, activation, config)
+    return y.reshape(*x.shape[:-1], n)
+
+
+_XLA_ACTIVATIONS = {
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_erf": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "identity": lambda z: z,
+}
+
+
+@dense_act_op.register("xla")
+def dense_act_xla(x, w, b=None, *, activation: str):
+    """The idiom as written, left to XLA (cuBLAS matmul, fused bias and activation)."""
+    y = x @ w
+    return _XLA_ACTIVATIONS[activation](y + b if b is not None else y)
+
+
+@gated_dense_op.register("xla")
+def gated_dense_xla(x, w_gate, w_up, *, activation: str):
+    """The idiom as written, left to XLA."""
+    return _XLA_ACTIVATIONS[activation](x @ w_gate) * (x @ w_up)
+
+
+def _check_activation(name: str, activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}; got {activation!r}")
+
+
+def _check_weight(name: str, x, wname: str, w) -> None:
+    if w.ndim != 2 or x.ndim < 1 or w.shape[0] != x.shape[-1]:
+        raise ValueError(f"{name}: {wname} must be [d_in, d_out] with d_in = x.shape[-1] = "
+                         f"{x.shape[-1] if x.ndim else None}; got x {tuple(x.shape)}, "
+                         f"{wname} {tuple(w.shape)}")
+
+
+def dense_act(x, w, b=None, *, activation: str, implementation=None):
+    """act(x @ w + b) with the bias and activation fused into the matmul.
+
+    Args:
+      x: [..., d_in]. w: [d_in, d_out]. b: optional [d_out].
+      activation: "gelu_tanh", "gelu_erf", "relu", "silu" or "identity".
+      implementation: None (choose), "pallas", "xla", or a list tried in order.
+
+    Returns:
+      [..., d_out] in the promoted dtype of x, w (and b).
+    """
+    _check_activation("dense_act", activation)
+    _check_weight("dense_act", x, "w", w)
+    if b is not None and tuple(b.shape) != (w.shape[1],):
+        raise ValueError(f"dense_act: b must have shape ({w.shape[1]},) (d_out); "
+                         f"got {tuple(b.shape)}")
+    return dense_act_op(x, w, b, activation=activation, implementation=implementation)
+
+
+def gated_dense(x, w_gate, w_up, *, activation: str, implementation=None):
+    """act(x @ w_gate) * (x @ w_up): SwiGLU ("silu") or GeGLU ("gelu_tanh", "gelu_erf").
+
+    Shazeer, "GLU Variants Improve Transformer" (2020).
+
+    Args:
+      x: [..., d_in]. w_gate, w_up: [d_in, d_ff].
+      activation: applied to the gate branch; one of the `dense_act` activations.
+      implementation: None (choose), "pallas", "xla", or a list tried in order.
+
+    Returns:
+      [..., d_ff] in the promoted dtype of x and the weights.
+    """
+    _check_activation("gated_dense", activation)
+    _check_weight("gated_dense", x, "w_gate", w_gate)
+    _check_weight("gated_dense", x, "w_up", w_up)
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"gated_dense: w_gate and w_up must have the same shape; got "
+                         f"{tuple(w_gate.shape)} and {tuple(w_up.shape)}")
+    return gated_dense_op(x, w_gate, w_up, activation=activation, implementation=implementation)
+
+
+_REFERENCE_ACTIVATIONS = {
+    "gelu_tanh": lambda z: 0.5 * z * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (z + 0.044715 * z**3))),
+    "gelu_erf": lambda z: 0.5 * z * (1 + jax.scipy.special.erf(z / jnp.sqrt(2.0))),
+    "relu": lambda z: jnp.where(z > 0, z, 0),
+    "silu": lambda z: z / (1 + jnp.exp(-z)),
+    "identity": lambda z: z,
+}
+
+
+def dense_act_reference(x, w, b=None, *, activation: str):
+    """The textbook formula in the inputs' own precision; the oracle for tests."""
+    z = jnp.matmul(x, w, precision=lax.Precision.HIGHEST)
+    return _REFERENCE_ACTIVATIONS[activation](z + b if b is not None else z)
+
+
+def gated_dense_reference(x, w_gate, w_up, *, activation: str):
+    """The textbook formula in the inputs' own precision; the oracle for tests."""
+    gate = jnp.matmul(x, w_gate, precision=lax.Precision.HIGHEST)
+    up = jnp.matmul(x, w_up, precision=lax.Precision.HIGHEST)
+    return _REFERENCE_ACTIVATIONS[activation](gate) * up
