@@ -1,0 +1,145 @@
+"""`python -m experiments.engine_cost`: what the passes cost next to XLA's own compile.
+
+For GPT-2 small's loss at several depths (default 12 and 48 layers, the gpt2-small config with
+``num_layers`` overridden), measures `passes.explain` with the default pipeline (tracing the loss
+to a jaxpr included) against XLA compiling `jax.jit(jax.grad(loss))` for the same shapes, and
+prints milliseconds, the ratio, the equation count and how each grows with depth. Targets: the
+passes at most 10% of XLA's compile, and growth from 12 to 48 layers at most 4.5x (4x the
+layers). Nothing is allocated: everything runs on `jax.ShapeDtypeStruct`s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Sequence
+
+import jax
+from jax.extend import core as jex_core
+
+import models
+import passes
+
+RATIO_TARGET = 0.10
+GROWTH_TARGET = 4.5
+
+
+def count_equations(jaxpr) -> tuple[int, int]:
+    """(top-level equations, equations including those of nested jaxprs)."""
+    top = len(jaxpr.eqns)
+    total, stack = 0, [jaxpr]
+    while stack:
+        j = stack.pop()
+        total += len(j.eqns)
+        for eqn in j.eqns:
+            for value in eqn.params.values():
+                values = value if isinstance(value, (tuple, list)) else (value,)
+                stack.extend(v for v in values
+                             if isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr)))
+    return top, total
+
+
+def measure_depth(num_layers: int, *, batch: int, seq: int, vocab: int | None, dtype: str,
+                  repeats: int) -> dict:
+    overrides = {"num_layers": num_layers, "seq_len": seq, "dtype": dtype}
+    if vocab is not None:
+        overrides["vocab_size"] = vocab
+    spec = models.get("gpt2-small", **overrides)
+    params = jax.eval_shape(spec.init, jax.random.key(0))
+    data = jax.eval_shape(lambda k: spec.batch(k, batch), jax.random.key(1))
+    top, total = count_equations(jax.make_jaxpr(spec.loss)(params, data))
+
+    explain_s, trace_s, pass_s = [], [], []
+    for _ in range(repeats):
+        pipeline = passes.default_pipeline()
+        start = time.perf_counter()
+        report = passes.explain(spec.loss, params, data, pipeline=pipeline)
+        explain_s.append(time.perf_counter() - start)
+        trace_s.append(report.trace_time)
+        pass_s.append(report.total_pass_time)
+
+    start = time.perf_counter()
+    lowered = jax.jit(jax.grad(spec.loss)).lower(params, data)
+    lowered_at = time.perf_counter()
+    lowered.compile()
+    done = time.perf_counter()
+    return {
+        "num_layers": num_layers, "equations": top, "equations_nested": total,
+        "explain_first_s": explain_s[0], "explain_s": statistics.median(explain_s),
+        "trace_s": statistics.median(trace_s), "pass_s": statistics.median(pass_s),
+        "rewrites": dict(report.counts),
+        "xla_lower_s": lowered_at - start, "xla_compile_s": done - lowered_at,
+        "ratio": statistics.median(explain_s) / (done - lowered_at),
+    }
+
+
+def summary(rows: list[dict]) -> dict:
+    """Growth factors from the shallowest to the deepest model, and the targets' verdicts."""
+    first, last = rows[0], rows[-1]
+    growth = last["explain_s"] / first["explain_s"]
+    return {
+        "depths": f"{last['num_layers']}/{first['num_layers']}",
+        "explain_growth": growth,
+        "xla_compile_growth": last["xla_compile_s"] / first["xla_compile_s"],
+        "equations_growth": last["equations"] / first["equations"],
+        "max_ratio": max(r["ratio"] for r in rows),
+        "ratio_ok": all(r["ratio"] <= RATIO_TARGET for r in rows),
+        "growth_ok": growth <= GROWTH_TARGET,
+    }
+
+
+def report_text(rows: list[dict], summ: dict, settings: dict) -> str:
+    lines = [f"passes.explain (trace + default pipeline) vs XLA compile of jit(grad(loss)); "
+             f"gpt2-small, {settings}, jax {jax.__version__} on {jax.devices()[0].device_kind}",
+             f"{'layers':>6} {'eqns':>6} {'nested':>7} {'explain ms':>11} {'trace ms':>9} "
+             f"{'passes ms':>10} {'XLA compile ms':>15} {'ratio':>7}"]
+    for r in rows:
+        lines.append(f"{r['num_layers']:>6} {r['equations']:>6} {r['equations_nested']:>7} "
+                     f"{r['explain_s'] * 1e3:>11.1f} {r['trace_s'] * 1e3:>9.1f} "
+                     f"{r['pass_s'] * 1e3:>10.1f} {r['xla_compile_s'] * 1e3:>15.1f} "
+                     f"{r['ratio']:>7.1%}")
+    mark = {True: "ok", False: "MISSED"}
+    lines.append(f"growth {summ['depths']} layers: explain {summ['explain_growth']:.2f}x "
+                 f"(target <= {GROWTH_TARGET}x: {mark[summ['growth_ok']]}), equations "
+                 f"{summ['equations_growth']:.2f}x, XLA compile {summ['xla_compile_growth']:.2f}x")
+    lines.append(f"explain / XLA compile at most {summ['max_ratio']:.1%} "
+                 f"(target <= {RATIO_TARGET:.0%}: {mark[summ['ratio_ok']]})")
+    lines.append("explain ms: median of the repeats (the first, cold, is in the JSON)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.engine_cost", description=__doc__)
+    p.add_argument("--layers", type=int, nargs="+", default=[12, 48])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=None,
+                   help="vocabulary size (default: GPT-2's 50304)")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--repeats", type=int, default=3, help="explain calls per depth")
+    p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    args = p.parse_args(argv)
+    if len(args.layers) < 1 or min(args.layers) <= 0 or args.repeats <= 0:
+        p.error("--layers takes positive depths and --repeats a positive count")
+    try:
+        rows = [measure_depth(n, batch=args.batch, seq=args.seq, vocab=args.vocab,
+                              dtype=args.dtype, repeats=args.repeats)
+                for n in sorted(args.layers)]
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
+    summ = summary(rows)
+    settings = (f"B={args.batch} T={args.seq} vocab={args.vocab or 'default'} "
+                f"{args.dtype}")
+    print(report_text(rows, summ, settings))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": vars(args), "jax_version": jax.__version__,
+                       "device_kind": jax.devices()[0].device_kind, "rows": rows,
+                       "summary": summ}, f, indent=2)
+    return 0 if summ["ratio_ok"] and summ["growth_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
