@@ -295,6 +295,15 @@ class Pipeline:
         self.dump_dir.mkdir(parents=True, exist_ok=True)
         (self.dump_dir / f"{tag}.txt").write_text(str(jaxpr))
 
+    def _after_change(self, p, jaxpr, step):
+        if self.check:
+            try:
+                C.check_jaxpr(C.open_jaxpr(jaxpr))
+            except Exception as e:
+                raise RewriteError(f"pass {p.name!r} produced an invalid program: {e}") from e
+        if self.dump_dir is not None:
+            self._dump(jaxpr, f"{step:02d}_{p.name}")
+
     def run(self, jaxpr, ctx: Context | None = None):
         """Rewrite a (closed) jaxpr. Returns (new jaxpr, Context)."""
         ctx = ctx or Context(self.sites, self.debug)
@@ -302,23 +311,20 @@ class Pipeline:
             self._dump(jaxpr, "00_input")
         active = [p for p in self.passes if p.name not in self.disable]
         step = 0
+        last_run = {}  # pass name -> step count when it last ran
         for _ in range(self.max_iterations):
             changed_by = []
             for p in active:
+                if p.name in last_run and last_run[p.name] == step:
+                    continue  # nothing changed since this pass last looked at the program
                 t0 = time.perf_counter()
                 jaxpr, n = p.run_program(jaxpr, ctx)
                 ctx.times[p.name] = ctx.times.get(p.name, 0.0) + time.perf_counter() - t0
-                if not n:
-                    continue
-                changed_by.append(p.name)
-                step += 1
-                if self.check:
-                    try:
-                        C.check_jaxpr(C.open_jaxpr(jaxpr))
-                    except Exception as e:
-                        raise RewriteError(f"pass {p.name!r} produced an invalid program: {e}") from e
-                if self.dump_dir is not None:
-                    self._dump(jaxpr, f"{step:02d}_{p.name}")
+                last_run[p.name] = step  # a pass that changed the program runs again
+                if n:
+                    changed_by.append(p.name)
+                    step += 1
+                    self._after_change(p, jaxpr, step)
             if not changed_by:
                 return jaxpr, ctx
         raise FixpointError(
