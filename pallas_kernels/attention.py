@@ -26,10 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import statistics
-import time
 from typing import Sequence
 
 import jax
@@ -38,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _pallas_compat as compat
-from pallas_kernels._dispatch import Op
+from pallas_kernels._dispatch import Op, interpret_mode, tuned_config
 
 LOG2E = 1.4426950408889634
 _F32 = jnp.float32
@@ -101,11 +97,11 @@ class AttentionConfig:
             block_q_dq=min(self.block_q_dq, qcap), block_k_dq=min(self.block_k_dq, kcap))
 
 
-def heuristic_config(q_len: int, kv_len: int, head_dim: int, platform: str) -> AttentionConfig:
+def heuristic_config(q_len: int, kv_len: int, head_dim: int, *, interpret: bool) -> AttentionConfig:
     """Block sizes without measurement: Triton flash-attention shapes that fit an H100's
-    registers (dK and dV accumulators of block_k_dkv x head_dim f32 each), or on a CPU large
-    blocks, since interpret mode pays per grid step rather than per flop."""
-    if platform == "cpu":
+    registers (dK and dV accumulators of block_k_dkv x head_dim f32 each), or in interpret mode
+    large blocks, since the interpreter pays per grid step rather than per flop."""
+    if interpret:
         cfg = AttentionConfig(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
                               block_q_dq=128, block_k_dq=128)
     elif head_dim <= 64:
@@ -117,6 +113,20 @@ def heuristic_config(q_len: int, kv_len: int, head_dim: int, platform: str) -> A
                               block_q_dkv=32, block_k_dkv=64, block_q_dq=128, block_k_dq=32,
                               num_warps_bwd=8, num_stages_bwd=2)
     return cfg.clamped(q_len, kv_len)
+
+
+def config_space(head_dim: int) -> list[AttentionConfig]:
+    """The small space `tuned_config` times on a GPU: forward tiles and warps x dK/dV tiles."""
+    if head_dim <= 64:
+        dkv_tiles, bwd_warps = ((32, 128), (64, 64)), 4
+    else:
+        dkv_tiles, bwd_warps = ((32, 64), (64, 64)), 8
+    return [AttentionConfig(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages,
+                            block_q_dkv=bq_dkv, block_k_dkv=bk_dkv, block_q_dq=128,
+                            block_k_dq=32, num_warps_bwd=bwd_warps, num_stages_bwd=2)
+            for bq, bk, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+                                          (64, 64, 4, 3))
+            for bq_dkv, bk_dkv in dkv_tiles]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,15 +158,11 @@ class _Plan:
     mask: _Layout | None
     bias: _Layout | None
     config: AttentionConfig
-    platform: str
+    interpret: bool
 
     @property
     def group(self) -> int:
         return self.heads // self.kv_heads
-
-    @property
-    def interpret(self) -> bool:
-        return compat.interpret_on(self.platform)
 
     @property
     def offset(self) -> int:
@@ -167,9 +173,10 @@ class _Plan:
         cfg = self.config
         if backward:
             return compat.gpu_compiler_params(num_warps=cfg.num_warps_bwd,
-                                              num_stages=cfg.num_stages_bwd, platform=self.platform)
+                                              num_stages=cfg.num_stages_bwd,
+                                              interpret=self.interpret)
         return compat.gpu_compiler_params(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                          platform=self.platform)
+                                          interpret=self.interpret)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,8 +610,8 @@ def _pad_axis(x, axis: int, size: int):
     return jnp.pad(x, widths)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "platform"))
-def _flash_attention(q, k, v, mask, bias, *, causal, scale, config, platform):
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "interpret"))
+def _flash_attention(q, k, v, mask, bias, *, causal, scale, config, interpret):
     """Pad to the block sizes (and a power-of-two head dim), run the kernels, slice the result."""
     B, q_len, H, head_dim = q.shape
     kv_len, Hkv = k.shape[1], k.shape[2]
@@ -625,7 +632,7 @@ def _flash_attention(q, k, v, mask, bias, *, causal, scale, config, platform):
                  kv_pad=kv_pad, head_dim=d_pad, scale=scale, causal=causal,
                  mask=None if mask is None else _Layout.of(mask.shape),
                  bias=None if bias is None else _Layout.of(bias.shape),
-                 config=config, platform=platform)
+                 config=config, interpret=interpret)
     out = _flash(q, k, v, bias, mask, plan)
     return out[:, :q_len, :, :head_dim]
 
@@ -677,89 +684,61 @@ def attention_reference(q, k, v, *, causal=False, mask=None, bias=None, scale=No
 attention_op = Op("attention")
 
 
-def _unsupported_by_kernel(q, k, platform: str) -> str | None:
-    if platform not in ("gpu", "cpu"):
-        return f"the Pallas attention kernel targets GPUs (Triton) and CPUs (interpret mode), not {platform}"
+def _unsupported_by_kernel(q, k) -> str | None:
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype} is not supported (float32, bfloat16, float16)"
     if q.shape[1] == 0 or k.shape[1] == 0:
         return "empty sequences are not supported"
-    if platform == "gpu" and q.shape[3] > 256:
-        return f"head_dim {q.shape[3]} > 256 does not fit the Triton kernel's registers"
+    if q.shape[3] > 256:
+        return f"head_dim {q.shape[3]} > 256 does not fit the kernel's registers"
     return None
 
 
-def _spec(x):
-    return None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
-
-
+@attention_op.register("pallas")
 def pallas_attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
                      config: AttentionConfig | None = None):
-    """The Pallas implementation, with an optional explicit config (else autotuned or heuristic).
+    """The Pallas flash-attention implementation (same arguments as `attention`).
 
-    Raises NotImplementedError(reason) for a case the kernel cannot take, including a kernel that
-    fails to lower or compile on this backend (checked once per shape, dtype and config).
+    `config` fixes the block sizes; without it they are tuned on the device (cached) or, on a
+    CPU, chosen by `heuristic_config`. Raises NotImplementedError(reason) for cases the kernel
+    does not take. Through `attention(..., implementation="pallas")` the kernels are also lowered
+    and compiled once per signature first, and a failure there declines the call.
     """
     q, k, v, mask, bias, scale = _canonicalize(q, k, v, mask, bias, scale)
-    platform = compat.backend()
-    reason = _unsupported_by_kernel(q, k, platform)
+    reason = _unsupported_by_kernel(q, k)
     if reason is not None:
-        raise NotImplementedError(f"pallas: {reason}")
+        raise NotImplementedError(reason)
+    interpret = interpret_mode()
     if config is None:
-        config = _cached_config(platform, q, k, causal, mask, bias)
-    if config is None:
-        config = heuristic_config(q.shape[1], k.shape[1], q.shape[3], platform)
-    run = functools.partial(_flash_attention, causal=causal, scale=scale, config=config,
-                            platform=platform)
-    _check_kernel_compiles(run, q, k, v, mask, bias, platform)
-    return run(q, k, v, mask, bias)
+        q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
+        config = tuned_config(
+            "attention/pallas", pallas_attention, (q, k, v),
+            dict(causal=causal, mask=mask, bias=bias, scale=scale),
+            [c.clamped(q_len, kv_len) for c in config_space(head_dim)],
+            heuristic_config(q_len, kv_len, head_dim, interpret=interpret))
+    return _flash_attention(q, k, v, mask, bias, causal=bool(causal), scale=scale, config=config,
+                            interpret=interpret)
 
 
-def _check_kernel_compiles(run, q, k, v, mask, bias, platform):
-    """Compile forward and backward once for this signature; a failure declines the call."""
-    def probe(q, k, v, mask, bias, do):
-        out, vjp = jax.vjp(lambda q, k, v, bias: run(q, k, v, mask, bias), q, k, v, bias)
-        return out, vjp(do)
-
-    specs = (_spec(q), _spec(k), _spec(v), _spec(mask), _spec(bias), _spec(q))
-    key = ("attention",) + tuple(None if s is None else (s.shape, str(s.dtype)) for s in specs) + (
-        run.keywords["causal"], run.keywords["scale"], run.keywords["config"])
-    compat.check_compiles(key, probe, specs, platform=platform)
-
-
-@attention_op.register("pallas")
-def _attention_pallas(q, k, v, *, causal, mask, bias, scale):
-    return pallas_attention(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale)
-
-
-@attention_op.register("cudnn")
+@attention_op.register("cudnn", check_lowering=True)
 def _attention_cudnn(q, k, v, *, causal, mask, bias, scale):
-    platform = compat.backend()
-    if platform != "gpu":
-        raise NotImplementedError(f"cudnn: needs an NVIDIA GPU, the backend is {platform}")
+    """cuDNN flash attention through `jax.nn.dot_product_attention`, for the cases whose
+    semantics match this op's exactly."""
+    platform = jax.default_backend()
+    if platform not in ("gpu", "cuda"):
+        raise NotImplementedError(f"needs an NVIDIA GPU, the backend is {platform}")
     if q.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise NotImplementedError(f"cudnn: flash attention takes bfloat16/float16, not {q.dtype}")
+        raise NotImplementedError(f"cuDNN flash attention takes bfloat16/float16, not {q.dtype}")
     if mask is not None or bias is not None:
         raise NotImplementedError(
-            "cudnn: masks and biases are not routed to cuDNN, whose output for rows without "
+            "masks and biases are not routed to cuDNN, whose output for rows without "
             "keys is not the zeros this op promises")
     if causal and q.shape[1] != k.shape[1]:
         raise NotImplementedError(
-            "cudnn: its causal mask aligns the diagonal at the start; this op aligns it at the "
+            "cuDNN's causal mask aligns the diagonal at the start; this op aligns it at the "
             "end when q_seq != kv_seq")
-
-    def run(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                            implementation="cudnn")
-
-    def probe(q, k, v, do):
-        out, vjp = jax.vjp(run, q, k, v)
-        return out, vjp(do)
-
-    specs = (_spec(q), _spec(k), _spec(v), _spec(q))
-    key = ("attention_cudnn",) + tuple((s.shape, str(s.dtype)) for s in specs) + (causal, scale)
-    compat.check_compiles(key, probe, specs, platform=platform)
-    return run(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                        implementation="cudnn")
 
 
 @attention_op.register("xla")
@@ -840,153 +819,3 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, implem
     q, k, v, mask, bias, scale = _canonicalize(q, k, v, mask, bias, scale)
     return attention_op(q, k, v, causal=bool(causal), mask=mask, bias=bias, scale=scale,
                         implementation=implementation)
-
-
-# ---------------------------------------------------------------------------------------------
-# Autotuning and implementation choice on a GPU
-#
-# `autotune` times a small space of configs on the device and `rank_implementations` times the
-# implementations; both keep their results in a JSON file (PALLAS_KERNELS_CACHE, default
-# ~/.cache/pallas_kernels/attention.json) keyed by device kind, shapes, dtype and flags. The
-# Pallas implementation reads the config from it; `implementation=None` on a GPU follows the
-# measured ranking, and without one picks cuDNN, then XLA (our kernel only when measured faster).
-
-_CACHE: dict | None = None
-
-
-def _cache_path() -> str:
-    return os.environ.get("PALLAS_KERNELS_CACHE",
-                          os.path.join(os.path.expanduser("~"), ".cache", "pallas_kernels",
-                                       "attention.json"))
-
-
-def _load_cache() -> dict:
-    global _CACHE
-    if _CACHE is None:
-        try:
-            with open(_cache_path()) as f:
-                _CACHE = json.load(f)
-        except (OSError, ValueError):
-            _CACHE = {}
-    return _CACHE
-
-
-def _store(key: str, field: str, value) -> None:
-    cache = _load_cache()
-    cache.setdefault(key, {})[field] = value
-    path = _cache_path()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(cache, f, indent=1, sort_keys=True)
-
-
-def reset_cache() -> None:
-    """Reread the JSON cache on next use (after changing PALLAS_KERNELS_CACHE)."""
-    global _CACHE
-    _CACHE = None
-
-
-def _cache_key(q, k, causal, mask, bias) -> str:
-    kind = jax.devices()[0].device_kind
-    return (f"{kind}|q={tuple(q.shape)}|kv={tuple(k.shape)}|{jnp.dtype(q.dtype).name}|"
-            f"causal={bool(causal)}|mask={None if mask is None else tuple(mask.shape)}|"
-            f"bias={None if bias is None else tuple(bias.shape)}")
-
-
-def _cached_config(platform, q, k, causal, mask, bias) -> AttentionConfig | None:
-    entry = _load_cache().get(_cache_key(q, k, causal, mask, bias), {})
-    return AttentionConfig(**entry["config"]) if "config" in entry else None
-
-
-def _choose(op, args, kwargs) -> list[str]:
-    q, k = args[0], args[1]
-    entry = _load_cache().get(
-        _cache_key(q, k, kwargs["causal"], kwargs["mask"], kwargs["bias"]), {})
-    ranking = list(entry.get("ranking", ["cudnn", "xla"]))
-    return ranking + ([] if "xla" in ranking else ["xla"])
-
-
-attention_op.chooser = _choose
-
-
-def _time_fwd_bwd(fn, q, k, v, mask, bias, repeats: int) -> float:
-    """Median seconds of one forward+backward of fn(q, k, v, mask, bias)."""
-    def loss(q, k, v, bias):
-        return jnp.sum(fn(q, k, v, mask, bias).astype(_F32))
-
-    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2) if bias is None else (0, 1, 2, 3)))
-    jax.block_until_ready(step(q, k, v, bias))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(step(q, k, v, bias))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def default_search_space(head_dim: int) -> list[AttentionConfig]:
-    """A small space around the heuristic: forward tiles and warps, backward tiles."""
-    space = []
-    for bq, bk, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
-                                  (64, 64, 4, 3)):
-        for bq_dkv, bk_dkv in ((32, 128), (64, 64)) if head_dim <= 64 else ((32, 64), (64, 64)):
-            space.append(AttentionConfig(
-                block_q=bq, block_k=bk, num_warps=warps, num_stages=stages,
-                block_q_dkv=bq_dkv, block_k_dkv=bk_dkv, block_q_dq=128, block_k_dq=32,
-                num_warps_bwd=4 if head_dim <= 64 else 8, num_stages_bwd=2))
-    return space
-
-
-def autotune(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
-             candidates: Sequence[AttentionConfig] | None = None, repeats: int = 5):
-    """Time forward+backward of each candidate config here and remember the fastest.
-
-    Candidates that decline (fail to compile, say) are skipped. Returns (best config, {config:
-    seconds}). Later Pallas calls with the same shapes and dtype on this device kind use it.
-    """
-    q, k, v, mask, bias, scale = _canonicalize(q, k, v, mask, bias, scale)
-    if candidates is None:
-        candidates = default_search_space(q.shape[3])
-    timings = {}
-    for cfg in candidates:
-        fn = functools.partial(_run_pallas_pinned, causal=causal, scale=scale, config=cfg)
-        try:
-            timings[cfg] = _time_fwd_bwd(fn, q, k, v, mask, bias, repeats)
-        except NotImplementedError:
-            continue
-    if not timings:
-        raise NotImplementedError("autotune: no candidate config compiled for this shape")
-    best = min(timings, key=timings.get)
-    _store(_cache_key(q, k, causal, mask, bias), "config", dataclasses.asdict(best))
-    return best, timings
-
-
-def _run_pallas_pinned(q, k, v, mask, bias, *, causal, scale, config):
-    return pallas_attention(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale,
-                            config=config)
-
-
-def rank_implementations(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
-                         repeats: int = 5):
-    """Time forward+backward of every implementation that takes this call and remember the
-    order, fastest first; `implementation=None` on a GPU then follows it. Returns {name: seconds}."""
-    q, k, v, mask, bias, scale = _canonicalize(q, k, v, mask, bias, scale)
-    timings = {}
-    for name in attention_op.impls:
-        def fn(q, k, v, mask, bias, name=name):
-            return attention_op(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale,
-                                implementation=name)
-        try:
-            timings[name] = _time_fwd_bwd(fn, q, k, v, mask, bias, repeats)
-        except NotImplementedError:
-            continue
-    _store(_cache_key(q, k, causal, mask, bias), "ranking", sorted(timings, key=timings.get))
-    return timings
-
-
-def attention_flops(q_shape, kv_len: int, *, causal: bool, backward: bool) -> float:
-    """FLOPs of attention as counted in ANCHORS.md: 4*B*H*Tq*Tk*D (halved when causal), x3.5 with
-    the backward."""
-    B, q_len, H, D = q_shape
-    flops = 4.0 * B * H * q_len * kv_len * D * (0.5 if causal else 1.0)
-    return flops * (3.5 if backward else 1.0)

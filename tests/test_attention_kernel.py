@@ -1,0 +1,357 @@
+"""pallas_kernels.attention against a float64 reference, for the "xla" and "pallas" implementations.
+
+The reference is a plain jnp attention evaluated and differentiated in float64 (x64 enabled only
+inside it); values and gradients of q, k, v and bias are compared on fresh random inputs. The Pallas
+tests run the kernels in interpret mode with 16-wide blocks, so sequence lengths of a few dozen
+span several blocks, cross the causal diagonal and end in a partial block. Interpret mode fills
+unwritten outputs and out-of-bounds reads with NaN, so checking every element for finiteness
+catches padding or unwritten tiles leaking.
+"""
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend import core as jex_core
+
+from pallas_kernels import _dispatch
+from pallas_kernels.attention import AttentionConfig, attention, pallas_attention
+
+# The package re-exports the function `attention`, which shadows the submodule's name.
+attention_module = importlib.import_module("pallas_kernels.attention")
+
+# Blocks of 16 everywhere except where a kernel pair must cope with differing block sizes.
+SMALL = AttentionConfig(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16, block_q_dq=16,
+                        block_k_dq=16)
+MIXED = AttentionConfig(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=16,
+                        block_k_dq=32)
+
+# Max error allowed, relative to the largest reference magnitude of that output: a few units of
+# the dtype's rounding (bf16 also rounds the probabilities before the p @ v matmul).
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
+
+
+def reference64(q, k, v, bias, ct, *, causal, mask, scale):
+    """Output and (dq, dk, dv, dbias) of attention in float64, as numpy arrays."""
+    def attend(q, k, v, bias):
+        B, q_len, H, D = q.shape
+        kv_len, kv_heads = k.shape[1], k.shape[2]
+        k = jnp.repeat(k, H // kv_heads, axis=2)
+        v = jnp.repeat(v, H // kv_heads, axis=2)
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (D ** -0.5 if scale is None else scale)
+        if bias is not None:
+            s = s + bias
+        keep = jnp.ones(s.shape, bool)
+        if mask is not None:
+            keep = keep & mask
+        if causal:
+            keep = keep & (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None] + kv_len - q_len)
+        s = jnp.where(keep, s, -jnp.inf)
+        has_key = jnp.any(jnp.isfinite(s), axis=-1, keepdims=True)
+        p = jax.nn.softmax(jnp.where(has_key, s, 0.0), axis=-1)
+        p = jnp.where(has_key, p, 0.0)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+    @jax.jit
+    def value_and_grads(args, ct):
+        out, vjp = jax.vjp(attend, *args)
+        return out, vjp(ct)
+
+    with jax.enable_x64(True):
+        to64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
+        out, grads = value_and_grads([to64(x) for x in (q, k, v, bias)], to64(ct))
+        return np.asarray(out), [None if g is None else np.asarray(g) for g in grads]
+
+
+def assert_close(name, got, want, dtype):
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    assert np.all(np.isfinite(got)), f"{name}: {np.sum(~np.isfinite(got))} non-finite elements"
+    magnitude = max(np.max(np.abs(want)), 1e-3)
+    err = np.max(np.abs(got - want)) / magnitude
+    assert err <= TOLERANCE[dtype], f"{name}: max error {err:.3g} x {magnitude:.3g} (tol {TOLERANCE[dtype]})"
+
+
+def random_inputs(seed, *, batch=2, q_len=37, kv_len=None, heads=2, kv_heads=None, head_dim=32,
+                  dtype=jnp.float32, mask_shape=None, bias_shape=None, mask_p=0.8):
+    kv_len = q_len if kv_len is None else kv_len
+    kv_heads = heads if kv_heads is None else kv_heads
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+    q = normal(batch, q_len, heads, head_dim)
+    k = normal(batch, kv_len, kv_heads, head_dim)
+    v = normal(batch, kv_len, kv_heads, head_dim)
+    mask = None if mask_shape is None else jnp.asarray(rng.random(mask_shape) < mask_p)
+    bias = None if bias_shape is None else normal(*bias_shape)
+    ct = normal(batch, q_len, heads, head_dim)
+    return q, k, v, mask, bias, ct
+
+
+class AttentionCases:
+    """Value and gradient tests shared by every implementation."""
+
+    IMPLEMENTATION: str
+    CONFIG: AttentionConfig | None = None
+
+    def attend(self, q, k, v, **kwargs):
+        return attention(q, k, v, implementation=self.IMPLEMENTATION, **kwargs)
+
+    def run_and_check(self, seed=0, *, causal=False, scale=None, **shapes):
+        q, k, v, mask, bias, ct = random_inputs(seed, **shapes)
+        dtype = shapes.get("dtype", jnp.float32)
+
+        @jax.jit
+        def value_and_grads(q, k, v, bias):
+            out, vjp = jax.vjp(
+                lambda q, k, v, bias: self.attend(q, k, v, causal=causal, mask=mask, bias=bias,
+                                                  scale=scale), q, k, v, bias)
+            return out, vjp(ct)
+
+        out, grads = value_and_grads(q, k, v, bias)
+        want_out, want_grads = reference64(q, k, v, bias, ct, causal=causal, mask=mask,
+                                           scale=scale)
+        assert out.dtype == q.dtype
+        assert_close("out", out, want_out, dtype)
+        for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads, want_grads):
+            if want is None:
+                assert got is None
+            else:
+                assert got.dtype == (q.dtype if name != "dbias" else bias.dtype)
+                assert_close(name, got, want, dtype)
+        return out, grads
+
+    def test_sequence_not_a_block_multiple(self):
+        self.run_and_check(0, batch=2, q_len=37, heads=2)
+
+    @pytest.mark.parametrize("q_len,kv_len", [(21, 45), (45, 21), (37, 37)])
+    def test_causal(self, q_len, kv_len):
+        # q_len > kv_len leaves the first q_len - kv_len queries without keys: zeros.
+        out, grads = self.run_and_check(1, q_len=q_len, kv_len=kv_len, causal=True)
+        if q_len > kv_len:
+            assert np.all(np.asarray(out)[:, : q_len - kv_len] == 0)
+            assert np.all(np.asarray(grads[0])[:, : q_len - kv_len] == 0)
+
+    def test_gqa_with_mask(self):
+        self.run_and_check(2, batch=1, q_len=33, kv_len=40, heads=4, kv_heads=2,
+                           mask_shape=(1, 4, 33, 40), causal=True)
+
+    def test_multi_query_with_padding_mask(self):
+        self.run_and_check(3, batch=2, q_len=19, kv_len=35, heads=3, kv_heads=1,
+                           mask_shape=(2, 1, 1, 35))
+
+    @pytest.mark.parametrize("bias_shape", [(1, 1, 20, 36), (2, 1, 1, 36), (2, 2, 20, 36),
+                                            (2, 1, 36)])
+    def test_bias_broadcast_and_gradient(self, bias_shape):
+        self.run_and_check(4, batch=2, q_len=20, kv_len=36, heads=2, bias_shape=bias_shape,
+                           causal=bias_shape[0] == 2)
+
+    def test_mask_bias_gqa_explicit_scale_odd_head_dim(self):
+        self.run_and_check(5, batch=1, q_len=26, kv_len=30, heads=4, kv_heads=2, head_dim=40,
+                           mask_shape=(1, 1, 26, 30), bias_shape=(4, 26, 30), scale=0.37)
+
+    def test_fully_masked_rows_are_zero(self):
+        q, k, v, _, _, ct = random_inputs(6, batch=1, q_len=18, kv_len=24, heads=2)
+        mask = np.ones((1, 2, 18, 24), bool)
+        mask[0, 0, 3] = False    # one query of head 0 sees nothing
+        mask[0, 1, 10:] = False  # queries 10.. of head 1 see nothing
+        bias = np.zeros((1, 2, 18, 24), np.float32)
+        bias[0, 0, 5] = -np.inf  # an additive -inf row masks as well
+        mask, bias = jnp.asarray(mask), jnp.asarray(bias)
+
+        def loss(q, k, v, bias):
+            return jnp.sum(self.attend(q, k, v, mask=mask, bias=bias) * ct)
+
+        out = np.asarray(self.attend(q, k, v, mask=mask, bias=bias))
+        dq, dk, dv, dbias = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+        assert np.all(np.isfinite(out)) and np.all(np.isfinite(np.asarray(dbias)))
+        for row_q, head in ((3, 0), (5, 0), (10, 1), (17, 1)):
+            assert np.all(out[0, row_q, head] == 0)
+            assert np.all(np.asarray(dq)[0, row_q, head] == 0)
+            assert np.all(np.asarray(dbias)[0, head, row_q] == 0)
+        want_out, want_grads = reference64(q, k, v, bias, ct, causal=False, mask=mask, scale=None)
+        assert_close("out", out, want_out, jnp.float32)
+        for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), want_grads):
+            assert_close(name, got, want, jnp.float32)
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+    def test_half_precision(self, dtype):
+        self.run_and_check(7, batch=2, q_len=29, kv_len=34, heads=4, kv_heads=2, dtype=dtype,
+                           causal=True, mask_shape=(2, 1, 29, 34), bias_shape=(1, 4, 1, 34))
+
+    def test_vmap_over_an_extra_axis(self):
+        q, k, v, _, _, _ = random_inputs(8, batch=3, q_len=17, kv_len=20)
+        got = jax.vmap(lambda q, k, v: self.attend(q[None], k[None], v[None], causal=True)[0])(
+            q, k, v)
+        want, _ = reference64(q, k, v, None, q, causal=True, mask=None, scale=None)
+        assert_close("out", got, want, jnp.float32)
+
+
+class TestXla(AttentionCases):
+    IMPLEMENTATION = "xla"
+
+
+class TestPallas(AttentionCases):
+    IMPLEMENTATION = "pallas"
+
+    def attend(self, q, k, v, **kwargs):
+        return pallas_attention(q, k, v, config=SMALL, **kwargs)
+
+    def test_mixed_block_sizes(self):
+        """Forward, dK/dV and dQ with different tiles (and all-padding query blocks in dQ)."""
+        self.attend = lambda q, k, v, **kw: pallas_attention(q, k, v, config=MIXED, **kw)
+        self.run_and_check(9, batch=1, q_len=40, kv_len=50, heads=4, kv_heads=2, causal=True,
+                           mask_shape=(1, 1, 40, 50), bias_shape=(1, 4, 1, 50))
+
+    def test_public_entry_point_heuristic_config(self):
+        self.attend = lambda q, k, v, **kw: attention(q, k, v, implementation="pallas", **kw)
+        self.run_and_check(10, batch=2, q_len=23, kv_len=23, heads=2, causal=True,
+                           bias_shape=(2, 1, 1, 23))
+
+
+# ---------------------------------------------------------------------------------------------
+# The Pallas path does its work in Pallas, forward and backward.
+
+HEAVY = {"dot_general", "exp", "exp2", "log", "log1p", "logistic", "tanh", "erf"}
+
+
+def _heavy_outside_kernels(jaxpr):
+    """(number of pallas_calls, primitives from HEAVY found outside them) in a closed jaxpr."""
+    calls, heavy = 0, set()
+
+    def visit(jaxpr):
+        nonlocal calls
+        jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                calls += 1
+                continue
+            if eqn.primitive.name in HEAVY:
+                heavy.add(eqn.primitive.name)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else (param,):
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        visit(sub)
+
+    visit(jaxpr)
+    return calls, heavy
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+def test_pallas_jaxprs_do_the_work_in_kernels(implementation):
+    q, k, v, mask, bias, _ = random_inputs(11, batch=1, q_len=20, kv_len=24, heads=4, kv_heads=2,
+                                           mask_shape=(1, 1, 20, 24), bias_shape=(1, 4, 20, 24))
+
+    def f(q, k, v, bias):
+        return attention(q, k, v, mask=mask, bias=bias, causal=True,
+                         implementation=implementation)
+
+    def loss(q, k, v, bias):
+        return jnp.sum(f(q, k, v, bias))
+
+    fwd_calls, fwd_heavy = _heavy_outside_kernels(jax.make_jaxpr(f)(q, k, v, bias))
+    bwd_calls, bwd_heavy = _heavy_outside_kernels(
+        jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias))
+    if implementation == "pallas":
+        assert fwd_calls == 1 and fwd_heavy == set()
+        # forward, delta, dK/dV, dQ, dbias
+        assert bwd_calls == 5 and bwd_heavy == set()
+    else:  # the walker would notice work outside kernels
+        assert fwd_calls == 0 and {"dot_general", "exp"} <= fwd_heavy
+        assert bwd_calls == 0 and {"dot_general", "exp"} <= bwd_heavy
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing, pinning and declining implementations.
+
+
+def test_default_on_cpu_is_xla_and_matches_pallas():
+    q, k, v, _, _, _ = random_inputs(12, batch=1, q_len=20, heads=2)
+    default = attention(q, k, v, causal=True)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: attention(q, k, v, causal=True))(q, k, v)
+    assert _heavy_outside_kernels(jaxpr)[0] == 0
+    np.testing.assert_allclose(default, pallas_attention(q, k, v, causal=True, config=SMALL),
+                               atol=2e-6)
+
+
+def test_pinned_cudnn_on_cpu_raises_with_reason():
+    q, k, v, _, _, _ = random_inputs(13, batch=1, q_len=16, heads=2)
+    with pytest.raises(NotImplementedError, match="cudnn: .*needs an NVIDIA GPU"):
+        attention(q, k, v, implementation="cudnn")
+    # a list falls through to the next implementation
+    np.testing.assert_allclose(attention(q, k, v, implementation=["cudnn", "xla"]),
+                               attention(q, k, v, implementation="xla"))
+
+
+def test_pinned_pallas_declines_float64():
+    with jax.enable_x64(True):
+        q = jnp.ones((1, 16, 2, 16), jnp.float64)
+        with pytest.raises(NotImplementedError, match="pallas: dtype float64 is not supported"):
+            attention(q, q, q, implementation="pallas")
+        assert attention(q, q, q, implementation=["pallas", "xla"]).dtype == jnp.float64
+
+
+def test_bad_arguments_raise_clear_errors():
+    q = jnp.ones((1, 8, 4, 16))
+    kv = jnp.ones((1, 8, 3, 16))
+    with pytest.raises(ValueError, match="multiple of k/v heads"):
+        attention(q, kv, kv)
+    with pytest.raises(ValueError, match=r"batch, seq, heads, head_dim"):
+        attention(q[0], q[0], q[0])
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        attention(q, q, q, mask=jnp.ones((8, 8)))
+    with pytest.raises(ValueError, match="q_seq axis is 5, expected 1 or 8"):
+        attention(q, q, q, bias=jnp.ones((5, 8)))
+    with pytest.raises(TypeError, match="share a dtype"):
+        attention(q, q.astype(jnp.bfloat16), q)
+    with pytest.raises(ValueError, match="unknown implementation 'triton'"):
+        attention(q, q, q, implementation="triton")
+    with pytest.raises(TypeError, match="scale must be a concrete number"):
+        jax.jit(lambda s: attention(q, q, q, scale=s))(0.5)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        AttentionConfig(block_q=48)
+
+
+_UNLOWERABLE = jex_core.Primitive("unlowerable_in_test")
+_UNLOWERABLE.def_abstract_eval(lambda x: x)
+
+
+def test_kernel_that_fails_to_lower_declines_and_falls_back(monkeypatch):
+    """A kernel whose body traces but has no lowering: the first use lowers it on its own, the
+    failure becomes the pallas implementation's reason, and the next implementation runs."""
+    real_kernel = attention_module._fwd_kernel
+
+    def broken_kernel(*refs, plan):
+        real_kernel(*refs, plan=plan)
+        o_ref = refs[-2]
+        o_ref[...] = _UNLOWERABLE.bind(o_ref[...])
+
+    monkeypatch.setattr(attention_module, "_fwd_kernel", broken_kernel)
+    _dispatch.clear_caches()
+    attention_module._flash_attention.clear_cache()
+    lowerings = []
+    real_failure = _dispatch._lowering_failure
+    monkeypatch.setattr(_dispatch, "_lowering_failure",
+                        lambda *a: lowerings.append(1) or real_failure(*a))
+    q, k, v, _, _, _ = random_inputs(14, batch=1, q_len=20, heads=2)
+    try:
+        with pytest.raises(NotImplementedError, match="pallas: .*unlowerable_in_test"):
+            attention(q, k, v, implementation="pallas")
+        got = attention(q, k, v, implementation=["pallas", "xla"])
+        np.testing.assert_array_equal(got, attention(q, k, v, implementation="xla"))
+        assert len(lowerings) == 1  # the verdict is cached per signature
+    finally:
+        _dispatch.clear_caches()
+        attention_module._flash_attention.clear_cache()
+
+
+def test_heuristic_and_tuning_space_are_valid_configs():
+    for interpret in (True, False):
+        for head_dim in (64, 128):
+            cfg = attention_module.heuristic_config(2048, 2048, head_dim, interpret=interpret)
+            assert cfg.block_q >= 64 and cfg.block_k >= 64
+    small = attention_module.heuristic_config(20, 3, 64, interpret=False)
+    assert small.block_q == 32 and small.block_k == 16 and small.block_k_dkv == 16
+    assert len(set(attention_module.config_space(64))) == len(attention_module.config_space(64))
