@@ -740,9 +740,13 @@ def linear_cross_entropy(x, w, labels, *, w_layout: str = "dv", implementation=N
 
 
 def softmax_cross_entropy_reference(logits, labels):
-    """-log_softmax(logits)[label] via take_along_axis; the oracle for tests."""
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+    """logsumexp(logits) - logits[label] via take_along_axis (optax's formulation); the oracle.
+
+    On rows whose label is out of range the loss is NaN and the gradient softmax * dloss (a
+    -log_softmax(logits)[label] formulation would give a zero gradient there instead).
+    """
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
 def linear_cross_entropy_reference(x, w, labels, *, w_layout: str = "dv"):
