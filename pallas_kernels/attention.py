@@ -241,8 +241,11 @@ def _q_blocks(plan: _Plan, k0, block_q: int, block_k: int):
         clean = jnp.clip(clean, start, n_q)
     else:
         start, clean = 0, 0
-    if plan.kv_len != plan.kv_pad:
-        clean = jnp.where(k0 + block_k > plan.kv_len, n_q, clean)
+    if plan.kv_len != plan.kv_pad:  # a block holding key padding is masked for every query
+        padded = (k0 + block_k > plan.kv_len).astype(jnp.int32)
+        # Arithmetic, not jnp.where: Triton's select lowering types two Python-int branches
+        # as the predicate's i1 (jax 0.10.2).
+        clean = clean + (n_q - clean) * padded
     return start, clean, n_q
 
 

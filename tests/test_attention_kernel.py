@@ -264,6 +264,61 @@ def test_pallas_jaxprs_do_the_work_in_kernels(implementation):
 
 
 # ---------------------------------------------------------------------------------------------
+# The GPU path lowers through Triton. Lowering (not compiling) for "cuda" needs no GPU: the
+# Pallas Triton lowering builds each kernel's Triton IR in Python, so unsupported primitives,
+# non-power-of-two tiles or ill-typed ops fail here rather than on the H100.
+
+
+@pytest.fixture
+def pretend_h100(monkeypatch):
+    """Newer JAX asks the (absent) GPU for its compute capability while lowering; answer H100."""
+    registration = importlib.import_module("jax._src.pallas.triton.pallas_call_registration")
+    info = getattr(registration, "gpu_info_lib", None)
+    if info is not None:
+        h100 = info.get_gpu_info_from_version(info.GpuVersion.H100)
+        monkeypatch.setattr(info, "get_gpu_info", lambda: h100)
+
+
+@pytest.mark.parametrize("case", [
+    dict(shape=(8, 2048, 2048, 16, 16, 64), dtype=jnp.bfloat16, causal=True),
+    dict(shape=(4, 4096, 4096, 16, 16, 128), dtype=jnp.bfloat16, causal=True),
+    dict(shape=(2, 100, 77, 8, 2, 80), dtype=jnp.float16, causal=True, mask=(2, 1, 1, 77),
+         bias=(1, 8, 100, 77)),
+    dict(shape=(1, 33, 47, 4, 1, 32), dtype=jnp.float32, causal=False, mask=(1, 4, 33, 47),
+         bias=(1, 1, 33, 1)),
+])
+def test_kernels_lower_with_triton(case, pretend_h100):
+    from jax import export
+
+    B, q_len, kv_len, H, kv_heads, D = case["shape"]
+    dtype = case["dtype"]
+    config = attention_module.heuristic_config(q_len, kv_len, D, interpret=False)
+    q = jax.ShapeDtypeStruct((B, q_len, H, D), dtype)
+    kv = jax.ShapeDtypeStruct((B, kv_len, kv_heads, D), dtype)
+    mask = jax.ShapeDtypeStruct(case["mask"], jnp.bool_) if "mask" in case else None
+    bias = jax.ShapeDtypeStruct(case["bias"], dtype) if "bias" in case else None
+
+    def fwd_bwd(q, k, v, mask, bias, do):
+        def f(q, k, v, bias):
+            return attention_module._flash_attention(
+                q, k, v, mask, bias, causal=case["causal"], scale=D ** -0.5, config=config,
+                interpret=False)
+        out, vjp = jax.vjp(f, q, k, v, bias)
+        return out, vjp(do)
+
+    exported = export.export(
+        jax.jit(fwd_bwd), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(q, kv, kv, mask, bias, q)
+    text = exported.mlir_module()
+    kernels = ["attention_fwd", "attention_bwd_delta", "attention_bwd_dkv", "attention_bwd_dq"]
+    kernels += ["attention_bwd_dbias"] if bias is not None else []
+    assert text.count("@__gpu$xla.gpu.triton") == len(kernels)
+    for name in kernels:
+        assert f'name = "{name}"' in text
+
+
+# ---------------------------------------------------------------------------------------------
 # Choosing, pinning and declining implementations.
 
 
