@@ -6,6 +6,7 @@ times sweep values) into `Case`s, one configuration each, measured baseline agai
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any
 
@@ -40,8 +41,9 @@ class RunConfig:
     Attributes:
       models: registry names (``models.names()``).
       pipeline: ``"default"`` (clean-ups and every fusion pass), ``"none"`` (no pass: the
-        optimized step only re-evaluates the traced program), or comma-separated pass names of
-        the default pipeline, run in the order given (clean-ups are not implied).
+        optimized step only re-evaluates the traced program), comma-separated pass names of
+        the default pipeline, run in the order given (clean-ups are not implied), or, from
+        Python, a `passes.Pipeline` of your own passes.
       implementation: handed to every kernel the fusion passes call; None lets each choose.
       batch: examples per step.
       seq: sequence length for language models (their ``seq_len``); None keeps the preset's.
@@ -63,7 +65,7 @@ class RunConfig:
     """
 
     models: tuple[str, ...] = ("gpt2-tiny", "llama-tiny")
-    pipeline: str = "default"
+    pipeline: str | passes.Pipeline = "default"
     implementation: str | None = None
     batch: int = 8
     seq: int | None = None
@@ -111,7 +113,7 @@ class Case:
     seq: int | None
     dtype: str | None
     mode: str
-    pipeline: str
+    pipeline: str | passes.Pipeline
     implementation: str | None
     overrides: tuple[tuple[str, Any], ...]
     sweep: tuple[tuple[str, Any], ...]  # the swept values that made this case
@@ -174,6 +176,7 @@ def check_case(case: Case) -> None:
     check_implementation(case.implementation)
     pipeline_passes(case.pipeline, case.implementation)
     _check_positive("batch", case.batch)
+    models.get(case.model, **case.model_overrides())  # checks the values (types, divisibility)
 
 
 # -- names and values ------------------------------------------------------------------------
@@ -183,8 +186,9 @@ def check_model(name: str) -> None:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(models.names())}")
 
 
-def model_config_fields(name: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(models.get(name).config)]
+@functools.lru_cache(maxsize=None)
+def model_config_fields(name: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(models.get(name).config))
 
 
 def check_mode(mode: str) -> None:
@@ -214,8 +218,20 @@ def available_passes(implementation: str | None = None) -> list[str]:
     return passes.default_pipeline(implementation).names
 
 
-def pipeline_passes(pipeline: str, implementation: str | None) -> list:
+def pipeline_name(pipeline: str | passes.Pipeline) -> str:
+    """How results name a pipeline: the spec as given, or a custom pipeline's pass names."""
+    if isinstance(pipeline, passes.Pipeline):
+        return "custom:" + ",".join(pipeline.names)
+    return pipeline
+
+
+def pipeline_passes(pipeline: str | passes.Pipeline, implementation: str | None) -> list:
     """The `Pass` objects a pipeline spec names (see `RunConfig.pipeline`)."""
+    if isinstance(pipeline, passes.Pipeline):
+        return list(pipeline.passes)
+    if not isinstance(pipeline, str):
+        raise TypeError(f"pipeline takes a name (default, none, or pass names) or a "
+                        f"passes.Pipeline, got {type(pipeline).__name__}")
     default = passes.default_pipeline(implementation)
     if pipeline == "default":
         return list(default.passes)
@@ -231,7 +247,11 @@ def pipeline_passes(pipeline: str, implementation: str | None) -> list:
     return [by_name[n] for n in names]
 
 
-def build_pipeline(pipeline: str, implementation: str | None) -> passes.Pipeline:
+def build_pipeline(pipeline: str | passes.Pipeline,
+                   implementation: str | None) -> passes.Pipeline:
+    """A fresh `Pipeline` for a spec; a given `Pipeline` is used as it is (its own settings)."""
+    if isinstance(pipeline, passes.Pipeline):
+        return pipeline
     return passes.Pipeline(pipeline_passes(pipeline, implementation))
 
 

@@ -19,8 +19,8 @@ def default_out_dir() -> str:
     return str(pathlib.Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
-def prepare_out_dir(path: str) -> pathlib.Path:
-    """Creates the results folder; an existing one must be empty (nothing is overwritten)."""
+def check_out_dir(path: str) -> pathlib.Path:
+    """The results folder must be new or empty: earlier results are never overwritten."""
     out = pathlib.Path(path)
     if out.exists():
         if not out.is_dir():
@@ -28,6 +28,12 @@ def prepare_out_dir(path: str) -> pathlib.Path:
         if any(out.iterdir()):
             raise ValueError(f"--out {path!r} is not empty; give a new or empty folder so "
                              f"earlier results are not overwritten")
+    return out
+
+
+def prepare_out_dir(path: str) -> pathlib.Path:
+    """Checks (`check_out_dir`) and creates the results folder."""
+    out = check_out_dir(path)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -95,6 +101,8 @@ def case_line(result: dict) -> str:
             parts.append(f"{name} {v['step_time_s'] * 1e3:.2f} ms")
     if result.get("speedup") is not None:
         parts.append(f"speedup {result['speedup']:.2f}x")
+    if not parts:
+        return f"[yellow]{label}: {result['status']}: {result['error']}[/yellow]"
     text = f"{label}: " + ", ".join(parts)
     flags = (result.get("numerics") or {}).get("flags") or []
     if result.get("diverged"):
@@ -156,7 +164,7 @@ def _step_ms(v: dict) -> str:
 
 
 def results_tables(payload: dict) -> tuple[Table, Table]:
-    """Timing (step times, speedup, rates, numerics) and costs (compile, passes, memory, rewrites)."""
+    """Timing (step times, speedup, rates, numerics); costs (compile, passes, memory, rewrites)."""
     env = payload["environment"]
     peaks = {r["mfu_peak"]["description"] for r in payload["results"] if r.get("mfu_peak")}
     peak_note = (f"MFU against the {', '.join(sorted(peaks))} peak" if peaks else

@@ -66,6 +66,8 @@ class Variant:
     last_loss: jax.Array | None = None
 
     def __call__(self, n: int) -> None:
+        if n == 0:
+            return
         if self.train:
             params, opt_state = self.state
             for _ in range(n):
@@ -95,6 +97,16 @@ def _copy(tree):
 
 
 # -- one case --------------------------------------------------------------------------------
+
+def case_record(case: Case) -> dict:
+    """A result's identifying fields, before anything is measured."""
+    return {"label": case.label, "model": case.model, "batch": case.batch, "seq": case.seq,
+            "dtype": case.dtype, "mode": case.mode,
+            "pipeline": config_lib.pipeline_name(case.pipeline),
+            "implementation": case.implementation, "overrides": dict(case.overrides),
+            "sweep": dict(case.sweep), "status": "ok", "error": None, "speedup": None,
+            "diverged": False}
+
 
 def _pass_report(optimized_loss, params, batch) -> dict:
     report = optimized_loss.report(params, batch)
@@ -129,14 +141,9 @@ def measure_case(case: Case, config: RunConfig, device_kind: str,
     train = case.mode == "train"
     flops_per_step = spec.flops_per_example * case.batch * (1.0 if train else 1.0 / 3.0)
     peak = measure.device_peak(device_kind, dtype)
-    result = {
-        "label": case.label, "model": case.model, "batch": case.batch, "seq": seq,
-        "dtype": dtype, "mode": case.mode, "pipeline": case.pipeline,
-        "implementation": case.implementation, "overrides": dict(case.overrides),
-        "sweep": dict(case.sweep), "flops_per_step": flops_per_step,
-        "mfu_peak": None if peak is None else dataclasses.asdict(peak),
-        "status": "ok", "error": None, "speedup": None, "diverged": False,
-    }
+    result = case_record(case)
+    result.update(seq=seq, dtype=dtype, flops_per_step=flops_per_step,
+                  mfu_peak=None if peak is None else dataclasses.asdict(peak))
     records = {name: {"status": "ok"} for name in VARIANTS}
     result.update(records)
 
@@ -245,7 +252,10 @@ def _profile(root: str, case: Case, variants: dict[str, Variant], steps: int) ->
 # -- a run -----------------------------------------------------------------------------------
 
 def config_record(config: RunConfig) -> dict:
-    record = dataclasses.asdict(config)
+    """The config as JSON values."""
+    record = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    record["models"] = list(config.models)
+    record["pipeline"] = config_lib.pipeline_name(config.pipeline)
     record["sweeps"] = {s.key: list(s.values) for s in config.sweeps}
     record["model_overrides"] = dict(config.model_overrides)
     return record
@@ -269,14 +279,9 @@ def run(config: RunConfig, *, verbose: bool = True, argv: Sequence[str] | None =
             try:
                 result = measure_case(case, config, env["device_kind"], display)
             except Exception as e:
-                result = {"label": case.label, "model": case.model, "batch": case.batch,
-                          "seq": case.seq, "dtype": case.dtype, "mode": case.mode,
-                          "pipeline": case.pipeline, "implementation": case.implementation,
-                          "sweep": dict(case.sweep), "status": "error", "diverged": False,
-                          "speedup": None, "error": f"{type(e).__name__}: {e}",
-                          "traceback": traceback.format_exc()}
-                if measure.is_out_of_memory(e):
-                    result["status"] = "out_of_memory"
+                result = case_record(case)
+                result.update(status="out_of_memory" if measure.is_out_of_memory(e) else "error",
+                              error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
             payload["results"].append(result)
             display.case_done(result)
             if out is not None:
@@ -374,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         config_lib.cases(config)
+        output.check_out_dir(config.out)
     except (ValueError, TypeError) as e:
         p.error(str(e))
     payload = run(config, argv=argv)
