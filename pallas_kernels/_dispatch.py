@@ -144,11 +144,18 @@ _verdicts_lock = threading.Lock()
 def _lowering_failure(fn: Callable, bound: _BoundCall) -> str | None:
     """None if `fn` (forward and backward) lowers, and off CPU compiles; else the reason.
 
-    Tracing errors other than NotImplementedError propagate: they are bugs or bad input, not a
-    backend that cannot take the kernel.
+    A function JAX cannot differentiate is checked forward only. Tracing errors other than
+    NotImplementedError propagate: they are bugs or bad input, not a backend that cannot take
+    the kernel.
     """
+    abstract = bound.abstract()
     try:
-        traced = jax.jit(bound.forward_backward(fn)).trace(*bound.abstract())
+        try:
+            traced = jax.jit(bound.forward_backward(fn)).trace(*abstract)
+        except NotImplementedError:
+            raise
+        except Exception:  # not differentiable: its forward is still worth checking
+            traced = jax.jit(lambda *arrays: bound.call(fn, arrays)).trace(*abstract)
     except NotImplementedError as e:
         return str(e)
     try:
