@@ -29,6 +29,8 @@ from models import data
 from models.spec import ModelSpec, NNXFunctions, mean_cross_entropy
 
 EXPANSION = 4  # a bottleneck block's output has 4x its inner width
+# He initialization over the output fan, as torchvision initializes ResNet convolutions.
+CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +123,7 @@ class Bottleneck(nnx.Module):
     def __init__(self, b: BlockPlan, c: ResNetConfig, *, rngs: nnx.Rngs):
         dtype = config_lib.compute_dtype(c.dtype)
         conv = functools.partial(nnx.Conv, use_bias=False, dtype=dtype,
-                                 kernel_init=nnx.initializers.he_normal(), rngs=rngs)
+                                 kernel_init=CONV_INIT, rngs=rngs)
         norm = functools.partial(nnx.BatchNorm, momentum=c.bn_momentum, epsilon=c.bn_eps,
                                  dtype=dtype, rngs=rngs)
         out = EXPANSION * b.width
@@ -150,7 +152,7 @@ class ResNet(nnx.Module):
         dtype = config_lib.compute_dtype(c.dtype)
         self.stem_conv = nnx.Conv(c.channels, c.width, (7, 7), strides=2,
                                   padding=((3, 3), (3, 3)), use_bias=False, dtype=dtype,
-                                  kernel_init=nnx.initializers.he_normal(), rngs=rngs)
+                                  kernel_init=CONV_INIT, rngs=rngs)
         self.stem_bn = nnx.BatchNorm(c.width, momentum=c.bn_momentum, epsilon=c.bn_eps,
                                      dtype=dtype, rngs=rngs)
         plan = block_plan(c)

@@ -26,6 +26,8 @@ from models import config as config_lib
 from models import data
 from models.spec import ModelSpec, NNXFunctions, mean_cross_entropy
 
+XAVIER = nnx.initializers.xavier_uniform()  # the original ViT's init for its dense layers
+
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
@@ -82,10 +84,11 @@ class EncoderBlock(nnx.Module):
                                  rngs=rngs)
         self.norm1 = norm()
         self.attn = nnx.MultiHeadAttention(num_heads=c.num_heads, in_features=c.d_model,
-                                           decode=False, dtype=dtype, keep_rngs=False, rngs=rngs)
+                                           decode=False, dtype=dtype, kernel_init=XAVIER,
+                                           keep_rngs=False, rngs=rngs)
         self.norm2 = norm()
-        self.mlp_in = nnx.Linear(c.d_model, c.d_ff, dtype=dtype, rngs=rngs)
-        self.mlp_out = nnx.Linear(c.d_ff, c.d_model, dtype=dtype, rngs=rngs)
+        self.mlp_in = nnx.Linear(c.d_model, c.d_ff, dtype=dtype, kernel_init=XAVIER, rngs=rngs)
+        self.mlp_out = nnx.Linear(c.d_ff, c.d_model, dtype=dtype, kernel_init=XAVIER, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x))
@@ -103,7 +106,7 @@ class ViT(nnx.Module):
             nnx.initializers.normal(0.02)(rngs.params(), (1, c.num_patches + 1, d), jnp.float32))
         self.blocks = nnx.List([EncoderBlock(c, rngs=rngs) for _ in range(c.num_layers)])
         self.norm = nnx.LayerNorm(d, epsilon=c.layer_norm_eps, dtype=dtype, rngs=rngs)
-        self.head = nnx.Linear(d, c.num_classes, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(d, c.num_classes, dtype=dtype, kernel_init=XAVIER, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """Logits (batch, num_classes) for NHWC images."""
