@@ -151,14 +151,17 @@ def _check_aval(atom, rank, dtype, shape):
     if rank is not None and len(aval.shape) != rank:
         return f"rank {len(aval.shape)} != {rank}"
     if dtype is not None:
-        if callable(dtype):
+        if callable(dtype) and not isinstance(dtype, (type, np.dtype)):
             reason = _run_predicate(dtype, aval.dtype)
             if reason:
                 return f"dtype {aval.dtype}: {reason}"
-        elif aval.dtype not in (dtype if isinstance(dtype, (tuple, list)) else (dtype,)):
-            return f"dtype {aval.dtype} != {dtype}"
+        else:
+            wanted = tuple(np.dtype(d) for d in (dtype if isinstance(dtype, (tuple, list))
+                                                  else (dtype,)))
+            if np.dtype(aval.dtype) not in wanted:
+                return f"dtype {aval.dtype} != {'|'.join(d.name for d in wanted)}"
     if shape is not None:
-        if callable(shape):
+        if callable(shape) and not isinstance(shape, (tuple, list)):
             reason = _run_predicate(shape, tuple(aval.shape))
             if reason:
                 return f"shape {tuple(aval.shape)}: {reason}"
@@ -253,7 +256,7 @@ class Lit(Pattern):
             return st.fail("expected a constant{}, got {}",
                            "" if self.value is None else f" {self.value!r}", _describe(atom))
         if self.value is not None and not _close(v, self.value, self.rtol, self.atol):
-            return st.fail("constant {!r} != {!r}", v, self.value)
+            return st.fail("constant {:.7g} != {:.7g}", v, self.value)
         if self.pred is not None:
             reason = _run_predicate(self.pred, v)
             if reason:
@@ -376,6 +379,8 @@ class Alt(Pattern):
             flat.extend(a.alternatives if isinstance(a, Alt) else (a,))
         self.alternatives = tuple(flat)
         self._roots = [a.root_primitives() for a in self.alternatives]
+        names = [p.name for r in self._roots if r for p in sorted(r, key=lambda p: p.name)]
+        self._root_names = "|".join(dict.fromkeys(names))
 
     def root_primitives(self):
         roots = self._roots
@@ -387,8 +392,8 @@ class Alt(Pattern):
         candidates = [a for a, roots in zip(self.alternatives, self._roots)
                       if roots is None or prim in roots]
         if not candidates:
-            return st.fail("expected `{}`, got {}", _Lazy(lambda: _prim_names(
-                self.root_primitives())), f"`{prim}`" if prim else _describe(atom))
+            return st.fail("expected `{}`, got {}", self._root_names,
+                           f"`{prim}`" if prim else _describe(atom))
         saved, reasons = st.save(), []
         for alt in candidates:
             r = alt.match(st, atom)
@@ -991,8 +996,8 @@ class _Compare:
         if isinstance(ref, C.Literal):
             want, have = float(np.asarray(ref.val).flat[0]), literal_value(st.region, atom)
             if have is None or not _close(have, want, self.example.rtol, 0.0):
-                return st.fail("the example has constant {!r} where the program has {}", want,
-                               have if have is not None else _describe(atom))
+                return st.fail("the example has constant {:.7g} where the program has {}", want,
+                               f"{have:.7g}" if have is not None else _describe(atom))
             return True
         if ref in self.inputs:
             name = self.inputs[ref]
@@ -1009,18 +1014,11 @@ class _Compare:
                            f"`{eqn.primitive}`" if eqn is not None else _describe(atom))
         if len(eqn.invars) != len(reqn.invars) or len(eqn.outvars) != len(reqn.outvars):
             return st.fail("`{}` arity differs from the example", eqn.primitive)
-        for rv, v in zip(reqn.outvars, eqn.outvars):
-            if _aval_key(rv)[:2] != _aval_key(v)[:2]:
-                return st.fail("`{}` gives {} where the example gives {}", eqn.primitive,
-                               _aval_key(v)[:2], _aval_key(rv)[:2])
-        reason = _params_differ(reqn.params, eqn.params, self.example.rtol)
-        if reason:
-            return st.fail("`{}` {}", eqn.primitive, reason)
-        self.mapping[ref] = atom
+        # Operands first, so that a difference is reported where it starts.
         orders = [reqn.invars]
         if reqn.primitive in _COMMUTATIVE and len(reqn.invars) == 2:
             orders.append(reqn.invars[::-1])
-        last = None
+        first_failure = None
         for refs in orders:
             saved = dict(self.mapping)
             r = True
@@ -1029,9 +1027,20 @@ class _Compare:
                 if not r:
                     break
             if r:
-                return True
-            self.mapping, last = saved, r
-        return last
+                break
+            self.mapping = saved
+            first_failure = r if first_failure is None else first_failure
+        if not r:
+            return first_failure if first_failure is not None else r
+        reason = _params_differ(reqn.params, eqn.params, self.example.rtol)
+        if reason:
+            return st.fail("`{}` {}", eqn.primitive, reason)
+        for rv, v in zip(reqn.outvars, eqn.outvars):
+            if _aval_key(rv)[:2] != _aval_key(v)[:2]:
+                return st.fail("`{}` gives {} where the example gives {}", eqn.primitive,
+                               _aval_key(v)[:2], _aval_key(rv)[:2])
+        self.mapping[ref] = atom
+        return True
 
 
 def _is_function(v) -> bool:
