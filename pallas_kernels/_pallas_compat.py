@@ -26,3 +26,27 @@ def gpu_compiler_params(*, num_warps: int, num_stages: int, interpret: bool):
     if interpret or _TritonCompilerParams is None:
         return None
     return _TritonCompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def gpu_lowering_target(device_kind: str = "NVIDIA H100 80GB HBM3"):
+    """A context in which `.lower(lowering_platforms=("cuda",))` runs Pallas's Triton lowering
+    without a GPU, for checking kernels on a CPU-only machine.
+
+    jax 0.10 falls back to compute capability 9.0 by itself; later releases need the target named
+    through an abstract mesh whose abstract device has this `device_kind`.
+    """
+    import contextlib
+
+    import jax
+
+    abstract_device = getattr(jax.sharding, "AbstractDevice", None)
+    if abstract_device is None:
+        return contextlib.nullcontext()
+    try:
+        mesh = jax.sharding.AbstractMesh(
+            (1,), ("gpu",),
+            abstract_device=abstract_device(device_kind=device_kind, num_cores=132,
+                                            platform="gpu"))
+    except TypeError:  # releases whose abstract meshes carry no device
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh)

@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _pallas_compat as compat
 from pallas_kernels._dispatch import Op, interpret_mode, tuned_config
 
 softmax_cross_entropy_op = Op("softmax_cross_entropy")
@@ -44,6 +45,7 @@ class CrossEntropyConfig:
     block_rows: int = 1
     block_vocab: int = 4096
     num_warps: int = 8
+    num_stages: int = 2
 
 
 def cross_entropy_config_heuristic(n_rows: int, vocab: int) -> CrossEntropyConfig:
@@ -140,6 +142,11 @@ def _vector_mask(ids, bound):
     return None if bound is None else ids < bound
 
 
+def _params(config):
+    return compat.gpu_compiler_params(num_warps=config.num_warps, num_stages=config.num_stages,
+                                      interpret=interpret_mode())
+
+
 # ----------------------------------------------------------------------------------------------
 # softmax_cross_entropy: forward kernel
 
@@ -190,7 +197,7 @@ def softmax_cross_entropy_forward(logits, labels, config: CrossEntropyConfig):
         grid=(pl.cdiv(n_rows, br),),
         in_specs=[pl.BlockSpec((br, v_padded), lambda i: (i, 0)), rows],
         out_specs=[rows, rows],
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=2),
+        compiler_params=_params(config),
         interpret=interpret_mode(),
         name="softmax_cross_entropy_fwd",
     )(logits, labels)
@@ -235,7 +242,7 @@ def softmax_cross_entropy_backward(logits, labels, lse, dloss, config: CrossEntr
         grid=(pl.cdiv(n_rows, br),),
         in_specs=[full_rows, rows, rows, rows],
         out_specs=full_rows,
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=2),
+        compiler_params=_params(config),
         interpret=interpret_mode(),
         name="softmax_cross_entropy_bwd",
     )(logits, labels, lse, dloss.astype(jnp.float32))
@@ -342,10 +349,6 @@ def _linear_ce_forward_kernel(x_ref, w_ref, labels_ref, loss_ref, lse_ref, *, la
     loss = jnp.where((labels >= 0) & (labels < vocab), lse - picked, jnp.nan)
     plgpu.store(loss_ref, loss.astype(loss_ref.dtype), mask=row_mask)
     plgpu.store(lse_ref, lse, mask=row_mask)
-
-
-def _params(config):
-    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _whole(shape):

@@ -23,6 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _pallas_compat as compat
 from pallas_kernels._dispatch import Op, interpret_mode, tuned_config
 
 ACTIVATIONS = ("gelu_tanh", "gelu_erf", "relu", "silu", "identity")
@@ -166,7 +167,8 @@ def _bound(dim: int, block: int):
 
 
 def _params(config: DenseConfig):
-    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    return compat.gpu_compiler_params(num_warps=config.num_warps, num_stages=config.num_stages,
+                                      interpret=interpret_mode())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _pallas_compat as compat
 from pallas_kernels._dispatch import Op, interpret_mode, tuned_config
 
 layer_norm_op = Op("layer_norm")
@@ -104,6 +105,7 @@ def norm_forward(x, scale, bias, *, centered: bool, eps: float, config: NormConf
     stat_shape = jax.ShapeDtypeStruct((n_rows,), jnp.float32)
     operands = [x] + [a for a in (scale, bias) if a is not None]
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)] + [stat_shape] * (2 if centered else 1)
+    interpret = interpret_mode()
     kernel = functools.partial(
         _norm_forward_kernel, centered=centered, has_scale=scale is not None,
         has_bias=bias is not None, eps=float(eps), n_rows=n_rows, n_cols=n_cols)
@@ -113,8 +115,9 @@ def norm_forward(x, scale, bias, *, centered: bool, eps: float, config: NormConf
         grid=(pl.cdiv(n_rows, block_rows),),
         in_specs=[row_block] + [vector] * (len(operands) - 1),
         out_specs=[row_block] + [stat] * (len(out_shape) - 1),
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1),
-        interpret=interpret_mode(),
+        compiler_params=compat.gpu_compiler_params(num_warps=config.num_warps, num_stages=1,
+                                                   interpret=interpret),
+        interpret=interpret,
         name="layer_norm_fwd" if centered else "rms_norm_fwd",
     )(*operands)
     if centered:
@@ -182,7 +185,7 @@ def norm_backward(x, scale, bias, mean, rstd, dy, *, centered: bool, config: Nor
     rows_block = pl.BlockSpec((rows_per_program, width), lambda p: (p, 0))
     stat_block = pl.BlockSpec((rows_per_program,), lambda p: (p,))
     vector = pl.BlockSpec((width,), lambda p: (0,))
-    partial_row = pl.BlockSpec((None, width), lambda p: (p, 0))
+    partial_row = pl.BlockSpec((compat.squeezed, width), lambda p: (p, 0))
     partial_shape = jax.ShapeDtypeStruct((programs, n_cols), jnp.float32)
 
     operands = [x, dy] + ([mean] if centered else []) + [rstd]
@@ -191,6 +194,7 @@ def norm_backward(x, scale, bias, mean, rstd, dy, *, centered: bool, config: Nor
         operands.append(scale)
         in_specs.append(vector)
     n_partials = (scale is not None) + (bias is not None)
+    interpret = interpret_mode()
     kernel = functools.partial(
         _norm_backward_kernel, centered=centered, has_scale=scale is not None,
         has_bias=bias is not None, n_rows=n_rows, n_cols=n_cols, block_rows=block_rows)
@@ -200,8 +204,9 @@ def norm_backward(x, scale, bias, mean, rstd, dy, *, centered: bool, config: Nor
         grid=(programs,),
         in_specs=in_specs,
         out_specs=[rows_block] + [partial_row] * n_partials,
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1),
-        interpret=interpret_mode(),
+        compiler_params=compat.gpu_compiler_params(num_warps=config.num_warps, num_stages=1,
+                                                   interpret=interpret),
+        interpret=interpret,
         name="layer_norm_bwd" if centered else "rms_norm_bwd",
     )(*operands)
     partials = iter(partials)

@@ -10,6 +10,7 @@ outputs and out-of-bounds reads with NaN, so the finiteness checks catch leaks.
 """
 from __future__ import annotations
 
+import sys
 import zlib
 
 import jax
@@ -18,11 +19,13 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
-from pallas_kernels import linear_cross_entropy, softmax_cross_entropy
+from pallas_kernels import _pallas_compat, linear_cross_entropy, softmax_cross_entropy
 from pallas_kernels.cross_entropy import (CrossEntropyConfig, LinearCrossEntropyConfig,
                                           linear_cross_entropy_op,
+                                          linear_cross_entropy_pallas,
                                           linear_cross_entropy_reference,
                                           softmax_cross_entropy_op,
+                                          softmax_cross_entropy_pallas,
                                           softmax_cross_entropy_reference)
 
 # Max error relative to the largest finite reference magnitude of that output.
@@ -245,3 +248,28 @@ def test_bad_arguments_are_explained():
         linear_cross_entropy(x, w, jnp.zeros(5, jnp.int32))
     with pytest.raises(ValueError, match="labels must be integers"):
         softmax_cross_entropy(x, jnp.zeros(4))
+
+
+@pytest.mark.parametrize("case", ["softmax", "linear_dv", "linear_vd", "linear_odd_f32"])
+def test_kernels_lower_through_triton(monkeypatch, case):
+    """The GPU path: forward and backward go through Pallas's Triton lowering (no GPU needed)."""
+    monkeypatch.setattr(sys.modules["pallas_kernels.cross_entropy"], "interpret_mode",
+                        lambda: False)
+    S, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+    labels = S((8192,), jnp.int32)
+    fn, args = {
+        "softmax": (softmax_cross_entropy_pallas, (S((8192, 50304), bf16), labels)),
+        "linear_dv": (lambda x, w, y: linear_cross_entropy_pallas(x, w, y, w_layout="dv"),
+                      (S((8192, 768), bf16), S((768, 50304), bf16), labels)),
+        "linear_vd": (lambda x, w, y: linear_cross_entropy_pallas(x, w, y, w_layout="vd"),
+                      (S((8192, 768), bf16), S((50304, 768), bf16), labels)),
+        "linear_odd_f32": (lambda x, w, y: linear_cross_entropy_pallas(x, w, y, w_layout="vd"),
+                           (S((13, 21), jnp.float32), S((50, 21), jnp.float32),
+                            S((13,), jnp.int32))),
+    }[case]
+    floats = tuple(range(len(args) - 1))
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
+    with _pallas_compat.gpu_lowering_target():
+        lowered = jax.jit(jax.value_and_grad(loss, argnums=floats)).trace(*args).lower(
+            lowering_platforms=("cuda",))
+    assert lowered.as_text().count("triton") >= 2

@@ -9,6 +9,7 @@ out-of-bounds reads with NaN, so the finiteness check catches leaks.
 """
 from __future__ import annotations
 
+import sys
 import zlib
 
 import jax
@@ -17,9 +18,10 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
-from pallas_kernels import dense_act, gated_dense
-from pallas_kernels.dense_act import (DenseConfig, dense_act_op, dense_act_reference,
-                                      gated_dense_op, gated_dense_reference)
+from pallas_kernels import _pallas_compat, dense_act, gated_dense
+from pallas_kernels.dense_act import (ACTIVATIONS, DenseConfig, dense_act_op, dense_act_pallas,
+                                      dense_act_reference, gated_dense_op, gated_dense_pallas,
+                                      gated_dense_reference)
 
 # Max error relative to the largest reference magnitude of that output. bf16 rounds the inputs of
 # every matmul (the pre-activations, and dL/dz before the backward matmuls).
@@ -169,3 +171,20 @@ def test_bad_arguments_are_explained():
         dense_act(x, w, jnp.ones(8), activation="relu")
     with pytest.raises(ValueError, match="w_gate and w_up must have the same shape"):
         gated_dense(x, w, jnp.ones((8, 12)), activation="silu")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_kernels_lower_through_triton(monkeypatch, activation):
+    """The GPU path: forward and backward go through Pallas's Triton lowering (no GPU needed)."""
+    monkeypatch.setattr(sys.modules["pallas_kernels.dense_act"], "interpret_mode", lambda: False)
+    S = jax.ShapeDtypeStruct
+    x, w, b = S((2, 500, 768), jnp.bfloat16), S((768, 3072), jnp.bfloat16), S((3072,), jnp.bfloat16)
+    w_odd = S((768, 1000), jnp.bfloat16)
+    for fn, args in ((lambda x, w, b: dense_act_pallas(x, w, b, activation=activation), (x, w, b)),
+                     (lambda x, wg, wu: gated_dense_pallas(x, wg, wu, activation=activation),
+                      (x, w_odd, w_odd))):
+        loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
+        with _pallas_compat.gpu_lowering_target():
+            lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+                lowering_platforms=("cuda",))
+        assert lowered.as_text().count("triton") >= 3  # forward, dx and dw kernels

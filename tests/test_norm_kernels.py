@@ -9,6 +9,7 @@ check catches leaks.
 """
 from __future__ import annotations
 
+import sys
 import zlib
 
 import jax
@@ -17,9 +18,10 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
-from pallas_kernels import layer_norm, rms_norm
-from pallas_kernels.layer_norm import NormConfig, layer_norm_op, layer_norm_reference
-from pallas_kernels.rms_norm import rms_norm_op, rms_norm_reference
+from pallas_kernels import _pallas_compat, layer_norm, rms_norm
+from pallas_kernels.layer_norm import (NormConfig, layer_norm_op, layer_norm_pallas,
+                                       layer_norm_reference)
+from pallas_kernels.rms_norm import rms_norm_op, rms_norm_pallas, rms_norm_reference
 
 # Max error relative to the largest reference magnitude of that output.
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
@@ -184,3 +186,25 @@ def test_cpu_default_is_xla():
     x = jnp.ones((2, 8))
     assert count_pallas_calls(jax.make_jaxpr(layer_norm)(x)) == 0
     assert count_pallas_calls(jax.make_jaxpr(lambda x: layer_norm(x, implementation="pallas"))(x)) == 1
+
+
+@pytest.mark.parametrize("case", ["layer_norm_768_bf16_f32_params", "rms_norm_4096_bf16",
+                                  "rms_norm_13_no_scale"])
+def test_kernels_lower_through_triton(monkeypatch, case):
+    """The GPU path: forward and backward go through Pallas's Triton lowering (no GPU needed)."""
+    monkeypatch.setattr(sys.modules["pallas_kernels.layer_norm"], "interpret_mode", lambda: False)
+    S = jax.ShapeDtypeStruct
+    fn, args = {
+        "layer_norm_768_bf16_f32_params": (
+            lambda x, s, b: layer_norm_pallas(x, s, b, eps=1e-5),
+            (S((1000, 768), jnp.bfloat16), S((768,), jnp.float32), S((768,), jnp.float32))),
+        "rms_norm_4096_bf16": (lambda x, s: rms_norm_pallas(x, s, eps=1e-6),
+                               (S((8, 256, 4096), jnp.bfloat16), S((4096,), jnp.bfloat16))),
+        "rms_norm_13_no_scale": (lambda x: rms_norm_pallas(x, eps=1e-6),
+                                 (S((1000, 13), jnp.float32),)),
+    }[case]
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
+    with _pallas_compat.gpu_lowering_target():
+        lowered = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))))).trace(
+            *args).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("triton") >= 2  # forward and backward kernels
