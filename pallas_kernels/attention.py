@@ -20,7 +20,8 @@ Logits are kept in base 2 inside the kernels (scale * log2(e) folded in), so the
 exp2; the saved log-sum-exp is in base 2 as well.
 
 File layout: config, forward kernel, forward wrapper, backward kernels, backward wrapper,
-custom_vjp wiring, the jnp reference, the implementations and the public function, autotuning.
+custom_vjp wiring, the jnp reference, the implementations and the public function. Choosing an
+implementation, the first-use lowering check and config tuning live in `_dispatch`.
 """
 from __future__ import annotations
 
@@ -108,9 +109,13 @@ def heuristic_config(q_len: int, kv_len: int, head_dim: int, *, interpret: bool)
         cfg = AttentionConfig(block_q=128, block_k=64, num_warps=4, num_stages=3,
                               block_q_dkv=32, block_k_dkv=128, block_q_dq=128, block_k_dq=32,
                               num_warps_bwd=4, num_stages_bwd=2)
-    else:
+    elif head_dim <= 128:
         cfg = AttentionConfig(block_q=128, block_k=64, num_warps=8, num_stages=3,
                               block_q_dkv=32, block_k_dkv=64, block_q_dq=128, block_k_dq=32,
+                              num_warps_bwd=8, num_stages_bwd=2)
+    else:  # 256-wide rows: halve the tiles so K/V stages fit shared memory
+        cfg = AttentionConfig(block_q=64, block_k=32, num_warps=8, num_stages=2,
+                              block_q_dkv=16, block_k_dkv=32, block_q_dq=64, block_k_dq=16,
                               num_warps_bwd=8, num_stages_bwd=2)
     return cfg.clamped(q_len, kv_len)
 
@@ -717,7 +722,7 @@ def pallas_attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
         config = tuned_config(
             "attention/pallas", pallas_attention, (q, k, v),
             dict(causal=causal, mask=mask, bias=bias, scale=scale),
-            [c.clamped(q_len, kv_len) for c in config_space(head_dim)],
+            list(dict.fromkeys(c.clamped(q_len, kv_len) for c in config_space(head_dim))),
             heuristic_config(q_len, kv_len, head_dim, interpret=interpret))
     return _flash_attention(q, k, v, mask, bias, causal=bool(causal), scale=scale, config=config,
                             interpret=interpret)

@@ -286,6 +286,7 @@ def pretend_h100(monkeypatch):
          bias=(1, 8, 100, 77)),
     dict(shape=(1, 33, 47, 4, 1, 32), dtype=jnp.float32, causal=False, mask=(1, 4, 33, 47),
          bias=(1, 1, 33, 1)),
+    dict(shape=(2, 64, 64, 2, 2, 256), dtype=jnp.bfloat16, causal=True),
 ])
 def test_kernels_lower_with_triton(case, pretend_h100):
     from jax import export
