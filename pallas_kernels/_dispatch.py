@@ -160,7 +160,8 @@ def _lowering_failure(fn: Callable, bound: _BoundCall) -> str | None:
         return str(e)
     try:
         lowered = traced.lower()
-        if _platform() != "cpu":  # interpret-mode kernels are plain XLA; compiling them twice buys nothing
+        # Interpret-mode kernels are plain XLA on a CPU: compiling them twice buys nothing.
+        if _platform() != "cpu":
             lowered.compile()
     except NotImplementedError as e:
         return f"failed to lower: {e}"
@@ -244,12 +245,18 @@ def _random_arrays(abstract: Sequence[jax.ShapeDtypeStruct], seed: int = 0) -> l
 
 def time_call(fn: Callable, arrays: Sequence[jax.Array], *, trials: int = 5,
               target_seconds: float = 2e-3) -> float:
-    """Median seconds per call of `jax.jit(fn)(*arrays)`, after compiling and a warm-up.
+    """Median seconds per call of `jax.jit(fn)(*arrays)`, after compiling and a warm-up."""
+    return time_compiled(jax.jit(fn).lower(*arrays).compile(), arrays, trials=trials,
+                         target_seconds=target_seconds)
+
+
+def time_compiled(compiled: Callable, arrays: Sequence[jax.Array], *, trials: int = 5,
+                  target_seconds: float = 2e-3) -> float:
+    """Median seconds per call of a compiled executable, after a warm-up call.
 
     Each trial runs enough back-to-back calls to last about `target_seconds`, so that dispatch
     overhead does not swamp short kernels.
     """
-    compiled = jax.jit(fn).lower(*arrays).compile()
     jax.block_until_ready(compiled(*arrays))
     start = time.perf_counter()
     jax.block_until_ready(compiled(*arrays))

@@ -1,4 +1,4 @@
-"""softmax_cross_entropy and linear_cross_entropy against float64 references, for "xla" and "pallas".
+"""softmax_cross_entropy and linear_cross_entropy against float64 references, "xla" and "pallas".
 
 The references are logsumexp(logits) - take_along_axis(logits, labels) (the optax formulation;
 linear_cross_entropy's materialises x @ w), evaluated and differentiated in float64. Values and
@@ -75,7 +75,7 @@ def random_labels(rng, shape, vocab):
 
 
 def forbidden_outside_pallas(jaxpr, forbidden) -> list[str]:
-    """Names of `forbidden` primitives anywhere in `jaxpr` (nested too) except inside pallas_call."""
+    """`forbidden` primitives anywhere in `jaxpr` (nested too) except inside pallas_call."""
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":

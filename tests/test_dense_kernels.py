@@ -60,7 +60,7 @@ def random_arrays(seed, shapes, dtype):
 
 
 def forbidden_outside_pallas(jaxpr, forbidden) -> list[str]:
-    """Names of `forbidden` primitives anywhere in `jaxpr` (nested too) except inside pallas_call."""
+    """`forbidden` primitives anywhere in `jaxpr` (nested too) except inside pallas_call."""
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
@@ -165,7 +165,8 @@ def test_bad_arguments_are_explained():
     x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
     with pytest.raises(ValueError, match="activation must be one of"):
         dense_act(x, w, activation="gelu")
-    with pytest.raises(ValueError, match=r"w must be \[d_in, d_out\] with d_in = x.shape\[-1\] = 8"):
+    expected = r"w must be \[d_in, d_out\] with d_in = x.shape\[-1\] = 8"
+    with pytest.raises(ValueError, match=expected):
         dense_act(x, jnp.ones((7, 16)), activation="relu")
     with pytest.raises(ValueError, match=r"b must have shape \(16,\)"):
         dense_act(x, w, jnp.ones(8), activation="relu")
