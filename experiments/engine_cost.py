@@ -51,7 +51,7 @@ def measure_depth(num_layers: int, *, batch: int, seq: int, vocab: int | None, d
     data = jax.eval_shape(lambda k: spec.batch(k, batch), jax.random.key(1))
     top, total = count_equations(jax.make_jaxpr(spec.loss)(params, data))
 
-    explain_s, trace_s, pass_s = [], [], []
+    explain_s, trace_s, pass_s, per_pass = [], [], [], {}
     for _ in range(repeats):
         pipeline = passes.default_pipeline()
         start = time.perf_counter()
@@ -59,6 +59,8 @@ def measure_depth(num_layers: int, *, batch: int, seq: int, vocab: int | None, d
         explain_s.append(time.perf_counter() - start)
         trace_s.append(report.trace_time)
         pass_s.append(report.total_pass_time)
+        for name, seconds in report.pass_times.items():
+            per_pass.setdefault(name, []).append(seconds)
 
     start = time.perf_counter()
     lowered = jax.jit(jax.grad(spec.loss)).lower(params, data)
@@ -69,6 +71,7 @@ def measure_depth(num_layers: int, *, batch: int, seq: int, vocab: int | None, d
         "num_layers": num_layers, "equations": top, "equations_nested": total,
         "explain_first_s": explain_s[0], "explain_s": statistics.median(explain_s),
         "trace_s": statistics.median(trace_s), "pass_s": statistics.median(pass_s),
+        "pass_times_s": {k: statistics.median(v) for k, v in per_pass.items()},
         "rewrites": dict(report.counts),
         "xla_lower_s": lowered_at - start, "xla_compile_s": done - lowered_at,
         "ratio": statistics.median(explain_s) / (done - lowered_at),
@@ -100,13 +103,18 @@ def report_text(rows: list[dict], summ: dict, settings: dict) -> str:
                      f"{r['explain_s'] * 1e3:>11.1f} {r['trace_s'] * 1e3:>9.1f} "
                      f"{r['pass_s'] * 1e3:>10.1f} {r['xla_compile_s'] * 1e3:>15.1f} "
                      f"{r['ratio']:>7.1%}")
+    for r in rows:
+        slowest = sorted(r["pass_times_s"].items(), key=lambda kv: -kv[1])[:4]
+        lines.append(f"{r['num_layers']:>6} layers, slowest passes: " + ", ".join(
+            f"{name} {seconds * 1e3:.1f} ms" for name, seconds in slowest))
     mark = {True: "ok", False: "MISSED"}
     lines.append(f"growth {summ['depths']} layers: explain {summ['explain_growth']:.2f}x "
                  f"(target <= {GROWTH_TARGET}x: {mark[summ['growth_ok']]}), equations "
                  f"{summ['equations_growth']:.2f}x, XLA compile {summ['xla_compile_growth']:.2f}x")
     lines.append(f"explain / XLA compile at most {summ['max_ratio']:.1%} "
                  f"(target <= {RATIO_TARGET:.0%}: {mark[summ['ratio_ok']]})")
-    lines.append("explain ms: median of the repeats (the first, cold, is in the JSON)")
+    lines.append("explain ms: median of the repeats; the first (cold) call: " + ", ".join(
+        f"{r['explain_first_s'] * 1e3:.0f} ms" for r in rows))
     return "\n".join(lines)
 
 

@@ -156,26 +156,38 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 # Loss difference (relative to max(|baseline loss|, 1)) beyond which a run is flagged.
 DEFAULT_LOSS_RTOL = {"float32": 1e-3, "bfloat16": 5e-2}
-# Largest per-leaf gradient difference, relative to the leaf's largest baseline magnitude.
+# Largest per-leaf gradient difference (see `max_relative_difference`).
 DEFAULT_GRAD_RTOL = {"float32": 1e-3, "bfloat16": 5e-2}
 
 
-def max_relative_difference(reference, other) -> float:
-    """max over leaves of max|other - reference| / max|reference| (each leaf on its own scale).
+# A leaf's gradient is compared on its own scale, but never on a scale below this fraction of the
+# whole gradient's largest magnitude: some leaves are zero up to rounding (an attention key
+# bias, to which softmax is invariant) and their rounding noise is not a difference.
+GRAD_SCALE_FLOOR = 1e-3
 
-    Scaling per leaf keeps near-zero entries of a gradient from dominating, while a leaf that is
-    off as a whole still shows.
+
+def max_relative_difference(reference, other) -> float:
+    """max over leaves of max|other - reference| / scale, scale = max|reference leaf| floored.
+
+    Scaling per leaf keeps a small leaf that is wrong as a whole visible next to large ones; the
+    floor (`GRAD_SCALE_FLOOR` times the largest magnitude of all leaves) keeps leaves that are
+    zero up to rounding from reporting their noise as 100% differences.
     """
+    refs = [np.asarray(x, np.float64) for x in jax.tree.leaves(reference)]
+    gots = [np.asarray(x, np.float64) for x in jax.tree.leaves(other)]
+    if len(refs) != len(gots):
+        raise ValueError(f"the trees have {len(refs)} and {len(gots)} leaves")
+    overall = max((float(np.max(np.abs(r))) for r in refs if r.size), default=0.0)
     worst = 0.0
-    for ref, got in zip(jax.tree.leaves(reference), jax.tree.leaves(other), strict=True):
-        ref = np.asarray(ref, np.float64)
-        got = np.asarray(got, np.float64)
-        scale = np.max(np.abs(ref)) if ref.size else 0.0
-        diff = np.max(np.abs(got - ref)) if ref.size else 0.0
+    for ref, got in zip(refs, gots):
+        if not ref.size:
+            continue
+        diff = float(np.max(np.abs(got - ref)))
         if not np.isfinite(diff):
             return float("inf")
+        scale = max(float(np.max(np.abs(ref))), GRAD_SCALE_FLOOR * overall)
         if diff:
-            worst = max(worst, float(diff / scale) if scale else float("inf"))
+            worst = max(worst, diff / scale if scale else float("inf"))
     return worst
 
 
@@ -210,6 +222,7 @@ def numerics(*, loss_initial: tuple[float, float] | None, loss_final: tuple[floa
                      f"(tolerance {grad_tol:g})")
     result["diverged"] = any("loss" in f for f in flags)
     result["gradients_differ"] = gradients_differ
+    result["ok"] = not flags
     result["flags"] = flags
     return result
 

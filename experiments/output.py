@@ -104,11 +104,9 @@ def case_line(result: dict) -> str:
     if not parts:
         return f"[yellow]{label}: {result['status']}: {result['error']}[/yellow]"
     text = f"{label}: " + ", ".join(parts)
-    flags = (result.get("numerics") or {}).get("flags") or []
-    if result.get("diverged"):
-        return f"[bold red]{text}; NUMERICS: {'; '.join(flags)}[/bold red]"
-    if flags:
-        return f"[yellow]{text}; {'; '.join(flags)}[/yellow]"
+    if result.get("numerics_ok") is False:
+        flags = "; ".join(result["numerics"]["flags"])
+        return f"[bold red]{text}; NUMERICS: {flags}[/bold red]"
     return text
 
 
@@ -190,7 +188,7 @@ def results_tables(payload: dict) -> tuple[Table, Table]:
         loss_diff = n.get("loss_final_diff")
         if loss_diff is None:
             loss_diff = n.get("loss_initial_diff")
-        style = "bold red" if r.get("diverged") else None
+        style = "bold red" if r.get("numerics_ok") is False else None
         timing.add_row(
             r["label"], _step_ms(b), _step_ms(o), _speed_text(r.get("speedup")), _rate(o),
             _short(o.get("model_tflops"), ".3g"),
@@ -209,9 +207,10 @@ def print_summary(payload: dict, console: Console) -> None:
     for table in results_tables(payload):
         console.print(table)
     for r in payload["results"]:
-        if r.get("diverged"):
-            console.print(f"[bold red]{r['label']}: the optimized loss diverges from the "
-                          f"baseline: {'; '.join(r['numerics']['flags'])}[/bold red]")
+        if r.get("numerics_ok") is False:
+            what = "loss diverges from" if r["diverged"] else "gradients differ from"
+            console.print(f"[bold red]{r['label']}: the optimized {what} the baseline's: "
+                          f"{'; '.join(r['numerics']['flags'])}[/bold red]")
         elif r["status"] == "out_of_memory":
             console.print(f"[yellow]{r['label']}: out of memory: {r['error']}[/yellow]")
 
@@ -235,7 +234,7 @@ def write_json(payload: dict, path: pathlib.Path) -> None:
 
 CSV_COLUMNS = (
     "label", "model", "batch", "seq", "dtype", "mode", "pipeline", "implementation", "sweep",
-    "status", "speedup", "diverged",
+    "status", "speedup", "diverged", "numerics_ok",
     "baseline_step_time_s", "baseline_step_time_min_s", "baseline_step_time_max_s",
     "optimized_step_time_s", "optimized_step_time_min_s", "optimized_step_time_max_s",
     "baseline_tokens_per_s", "optimized_tokens_per_s",
@@ -251,7 +250,8 @@ CSV_COLUMNS = (
 
 def csv_row(r: dict) -> dict:
     row = {k: r.get(k) for k in ("label", "model", "batch", "seq", "dtype", "mode", "pipeline",
-                                 "implementation", "status", "speedup", "diverged", "error")}
+                                 "implementation", "status", "speedup", "diverged",
+                                 "numerics_ok", "error")}
     row["sweep"] = " ".join(f"{k}={v}" for k, v in (r.get("sweep") or {}).items())
     for name in ("baseline", "optimized"):
         v = r.get(name) or {}
@@ -289,13 +289,15 @@ def write_plot(payload: dict, path: pathlib.Path) -> bool:
     x = range(len(rows))
     fig, (ax_speed, ax_time) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows)), 4.5))
     speeds = [r.get("speedup") or 0.0 for r in rows]
-    colors = ["tab:red" if r.get("diverged") else "tab:green" if s >= 1 else "tab:orange"
-              for r, s in zip(rows, speeds)]
-    ax_speed.bar(x, speeds, color=colors)
+    colors = ["tab:red" if r.get("numerics_ok") is False else
+              "tab:green" if s >= 1 else "tab:orange" for r, s in zip(rows, speeds)]
+    bars = ax_speed.bar(x, speeds, color=colors)
+    ax_speed.bar_label(bars, labels=[f"{s:.2f}x" if r.get("speedup") is not None else "n/a"
+                                     for r, s in zip(rows, speeds)], fontsize=8)
     ax_speed.axhline(1.0, color="black", linewidth=0.8)
     ax_speed.set_xticks(list(x), labels, fontsize=8)
     ax_speed.set_ylabel("speedup (baseline / optimized step time)")
-    ax_speed.set_title("speedup (red: numerics diverged)")
+    ax_speed.set_title("speedup (red: numerics differ)")
     width = 0.4
     for offset, name, color in ((-width / 2, "baseline", "tab:gray"),
                                 (width / 2, "optimized", "tab:blue")):

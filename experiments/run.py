@@ -105,7 +105,7 @@ def case_record(case: Case) -> dict:
             "pipeline": config_lib.pipeline_name(case.pipeline),
             "implementation": case.implementation, "overrides": dict(case.overrides),
             "sweep": dict(case.sweep), "status": "ok", "error": None, "speedup": None,
-            "diverged": False}
+            "diverged": False, "numerics_ok": None}
 
 
 def _pass_report(optimized_loss, params, batch) -> dict:
@@ -209,6 +209,7 @@ def measure_case(case: Case, config: RunConfig, device_kind: str,
                                           grad_rel_diff=grad_rel, dtype=dtype,
                                           loss_rtol=config.loss_rtol)
     result["diverged"] = result["numerics"]["diverged"]
+    result["numerics_ok"] = result["numerics"]["ok"]
     result["speedup"] = measure.speedup(records["baseline"], records["optimized"])
     failed = [n for n in VARIANTS if records[n]["status"] == "out_of_memory"]
     if failed:
@@ -383,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         p.error(str(e))
     payload = run(config, argv=argv)
-    bad = [r for r in payload["results"] if r["status"] != "ok" or r.get("diverged")]
+    bad = [r for r in payload["results"] if r["status"] != "ok" or r["numerics_ok"] is False]
     return 1 if bad else 0
 
 

@@ -51,11 +51,12 @@ def test_cli_writes_well_formed_json(sweep_run):
     assert env["device_kind"] == jax.devices()[0].device_kind
     assert env["device_count"] == len(jax.devices())
     assert env["flax_version"] and env["jaxlib_version"]
-    assert env["command"].endswith("-m experiments.run " + " ".join(SWEEP_ARGS + ["--out", str(out)]))
+    args = " ".join(SWEEP_ARGS + ["--out", str(out)])
+    assert env["command"].endswith(f"-m experiments.run {args}")
     assert len(env["git_commit"]) == 40
     assert payload["config"]["sweeps"] == {"num_layers": [1], "seq": [8, 16]}
     for r in payload["results"]:
-        assert r["status"] == "ok" and not r["diverged"]
+        assert r["status"] == "ok" and not r["diverged"] and r["numerics_ok"]
         assert r["speedup"] > 0
         for name in ("baseline", "optimized"):
             v = r[name]
@@ -204,6 +205,7 @@ def test_a_wrong_rewrite_is_flagged_red_and_in_the_json(tmp_path):
     assert r["pipeline"] == "custom:canonicalize,cse,dce,wrong_exp"
     assert r["optimized"]["rewrites"]["wrong_exp"] >= 1
     assert r["diverged"] is True and r["numerics"]["diverged"] is True
+    assert r["numerics_ok"] is False
     assert any("initial loss differs" in f for f in r["numerics"]["flags"])
     assert _payload(tmp_path)["results"][0]["diverged"] is True
     timing, costs = output.results_tables(payload)
@@ -302,6 +304,7 @@ def test_numerics_flags():
     ok = measure.numerics(loss_initial=(2.0, 2.0005), loss_final=(1.5, 1.5009),
                           grad_rel_diff=2e-4, dtype="float32")
     assert not ok["diverged"] and not ok["gradients_differ"] and ok["flags"] == []
+    assert ok["ok"]
     assert ok["loss_final_diff"] == pytest.approx(9e-4)
     drift = measure.numerics(loss_initial=(2.0, 2.0), loss_final=(1.5, 1.503),
                              grad_rel_diff=0.0, dtype="float32")
@@ -316,7 +319,7 @@ def test_numerics_flags():
     assert nan["diverged"] and "optimized initial loss is nan" in nan["flags"][0]
     grads = measure.numerics(loss_initial=(2.0, 2.0), loss_final=None, grad_rel_diff=0.5,
                              dtype="float32")
-    assert grads["gradients_differ"] and not grads["diverged"]
+    assert grads["gradients_differ"] and not grads["diverged"] and not grads["ok"]
     assert measure.numerics(loss_initial=None, loss_final=None, grad_rel_diff=float("nan"),
                             dtype="float32")["gradients_differ"]
 
@@ -326,9 +329,15 @@ def test_max_relative_difference_scales_each_leaf():
     got = {"a": np.array([1.0, -3.9]), "b": np.array([0.501])}
     assert measure.max_relative_difference(ref, got) == pytest.approx(0.1 / 4.0)
     assert measure.max_relative_difference(ref, ref) == 0.0
-    zero = {"a": np.zeros(2), "b": np.array([0.5])}
+    # a leaf that is zero up to rounding is scaled by 1e-3 of the largest leaf (4 here)
+    tiny = {"a": np.array([1.0, -4.0]), "b": np.array([1e-9])}
+    noise = {"a": np.array([1.0, -4.0]), "b": np.array([3e-9])}
+    wrong = {"a": np.array([1.0, -4.0]), "b": np.array([0.02])}
+    assert measure.max_relative_difference(tiny, noise) == pytest.approx(2e-9 / 4e-3)
+    assert measure.max_relative_difference(tiny, wrong) == pytest.approx(0.02 / 4e-3, rel=1e-6)
+    zero = {"a": np.zeros(2), "b": np.zeros(1)}
     assert measure.max_relative_difference(zero, {"a": np.array([0.0, 1e-3]),
-                                                  "b": np.array([0.5])}) == math.inf
+                                                  "b": np.zeros(1)}) == math.inf
     assert measure.max_relative_difference(ref, {"a": np.array([1.0, np.nan]),
                                                  "b": np.array([0.5])}) == math.inf
 
