@@ -11,8 +11,9 @@ Labels behave as in `jnp.take_along_axis`: a negative label counts from the end,
 softmax_cross_entropy: one program per block of rows, looping over the vocabulary with an online
 log-sum-exp (forward), then a second pass writing (softmax - onehot) * dloss (backward).
 
-linear_cross_entropy: the forward kernel computes logit tiles x_rows @ w_chunk in registers and
-folds them into an online log-sum-exp; only the per-token log-sum-exp is saved. The backward runs
+linear_cross_entropy: the forward kernel computes logit tiles x_rows @ w_block in registers and
+folds them into an online log-sum-exp, programs splitting the vocabulary as well as the tokens; a
+small kernel merges the splits. Only the per-token log-sum-exp is saved. The backward runs
 over vocabulary chunks of `chunk_vocab` columns (a lax loop): one kernel recomputes the chunk's
 logits and writes dlogits = (softmax - onehot) * dloss for all tokens ([tokens, chunk], the only
 large temporary), then dx += dlogits @ w_chunk^T and dw_chunk = x^T @ dlogits, each a tiled kernel
@@ -80,6 +81,7 @@ class LinearCrossEntropyConfig:
     chunk_vocab: int = 4096
     num_warps: int = 4
     num_stages: int = 3
+    forward_programs: int = 512  # the forward splits the vocabulary to launch about this many
 
 
 def _fit(dim: int, cap: int) -> int:
@@ -318,35 +320,69 @@ def _logit_tile(x_ref, w_ref, col0, rows, cols, *, layout, d, block_vocab, block
                          jnp.zeros((rows.size, block_vocab), jnp.float32))
 
 
-def _linear_ce_forward_kernel(x_ref, w_ref, labels_ref, loss_ref, lse_ref, *, layout, n_tokens,
-                              d, vocab, block_vocab, block_depth):
+def _linear_ce_forward_kernel(x_ref, w_ref, labels_ref, max_ref, sum_ref, picked_ref, *, layout,
+                              n_tokens, d, vocab, block_vocab, block_depth, blocks_per_split,
+                              ragged):
+    """Online log-sum-exp over one split of the vocabulary blocks: partial max, sum, label logit."""
     block_tokens = labels_ref.shape[0]
     rows = pl.program_id(0) * block_tokens + jnp.arange(block_tokens)
     row_bound, vocab_bound = _bound(n_tokens, block_tokens), _bound(vocab, block_vocab)
     row_mask = _vector_mask(rows, row_bound)
     labels = _load(labels_ref, row_mask)
+    n_blocks = pl.cdiv(vocab, block_vocab)
+    first_block = pl.program_id(1) * blocks_per_split
     tile = functools.partial(_logit_tile, x_ref, w_ref, layout=layout, d=d,
                              block_vocab=block_vocab, block_depth=block_depth,
                              row_bound=row_bound, vocab_bound=vocab_bound)
 
     def step(s, carry):
         running_max, running_sum, picked = carry
-        v0 = pl.multiple_of(s * block_vocab, block_vocab)
+        block = first_block + s
+        if ragged:  # the last split runs past the vocabulary: redo its last block, masked out
+            keep_block = block < n_blocks
+            block = jnp.minimum(block, n_blocks - 1)
+        v0 = pl.multiple_of(block * block_vocab, block_vocab)
         cols = v0 + jnp.arange(block_vocab)
+        keep = None if vocab_bound is None else (cols < vocab)[None, :]
+        if ragged:
+            keep = keep_block if keep is None else keep & keep_block
         t = tile(v0, rows, cols)
-        if vocab_bound is not None:
-            t = jnp.where((cols < vocab)[None, :], t, -jnp.inf)
+        hit = cols[None, :] == labels[:, None]
+        if keep is not None:
+            t = jnp.where(keep, t, -jnp.inf)
+            hit = hit & keep
         new_max = jnp.maximum(running_max, jnp.max(t, axis=1))
         running_sum = (running_sum * jnp.exp(running_max - new_max)
                        + jnp.sum(jnp.exp(t - new_max[:, None]), axis=1))
-        picked = picked + jnp.sum(jnp.where(cols[None, :] == labels[:, None], t, 0.0), axis=1)
-        return new_max, running_sum, picked
+        return new_max, running_sum, picked + jnp.sum(jnp.where(hit, t, 0.0), axis=1)
 
     init = (jnp.full((block_tokens,), -jnp.inf, jnp.float32),
             jnp.zeros((block_tokens,), jnp.float32), jnp.zeros((block_tokens,), jnp.float32))
-    running_max, running_sum, picked = lax.fori_loop(0, pl.cdiv(vocab, block_vocab), step, init)
-    lse = running_max + jnp.log(running_sum)
-    loss = jnp.where((labels >= 0) & (labels < vocab), lse - picked, jnp.nan)
+    running_max, running_sum, picked = lax.fori_loop(0, blocks_per_split, step, init)
+    plgpu.store(max_ref, running_max, mask=row_mask)
+    plgpu.store(sum_ref, running_sum, mask=row_mask)
+    plgpu.store(picked_ref, picked, mask=row_mask)
+
+
+def _linear_ce_combine_kernel(max_ref, sum_ref, picked_ref, labels_ref, loss_ref, lse_ref, *,
+                              n_tokens, vocab, splits):
+    """Merge the splits' partial log-sum-exps; NaN loss where the label is out of range."""
+    padded_splits, block_tokens = max_ref.shape
+    rows = pl.program_id(0) * block_tokens + jnp.arange(block_tokens)
+    row_mask = _vector_mask(rows, _bound(n_tokens, block_tokens))
+    mask = _mask2(jnp.arange(padded_splits), rows, _bound(splits, padded_splits),
+                  _bound(n_tokens, block_tokens))
+    if mask is None:
+        partial_max, partial_sum, picked = (plgpu.load(r) for r in (max_ref, sum_ref, picked_ref))
+    else:
+        partial_max = plgpu.load(max_ref, mask=mask, other=-jnp.inf)
+        partial_sum = plgpu.load(sum_ref, mask=mask, other=0.0)
+        picked = plgpu.load(picked_ref, mask=mask, other=0.0)
+    total_max = jnp.max(partial_max, axis=0)
+    total = jnp.sum(partial_sum * jnp.exp(partial_max - total_max[None, :]), axis=0)
+    lse = total_max + jnp.log(total)
+    labels = _load(labels_ref, row_mask)
+    loss = jnp.where((labels >= 0) & (labels < vocab), lse - jnp.sum(picked, axis=0), jnp.nan)
     plgpu.store(loss_ref, loss.astype(loss_ref.dtype), mask=row_mask)
     plgpu.store(lse_ref, lse, mask=row_mask)
 
@@ -362,29 +398,60 @@ def _w_padded_shape(layout, d, vocab, config):
     return (d_padded, v_padded) if layout == "dv" else (v_padded, d_padded)
 
 
+def _vocab_splits(n_tokens: int, vocab: int, config) -> tuple[int, int]:
+    """(splits, vocabulary blocks per split) giving about config.forward_programs programs."""
+    n_blocks = pl.cdiv(vocab, config.block_vocab)
+    token_blocks = pl.cdiv(n_tokens, config.block_tokens)
+    wanted = min(n_blocks, pl.next_power_of_2(pl.cdiv(config.forward_programs, token_blocks)))
+    per_split = pl.cdiv(n_blocks, wanted)
+    return pl.cdiv(n_blocks, per_split), per_split
+
+
 # Forward wrapper
 
 def linear_cross_entropy_forward(x, w, labels, layout, out_dtype, config):
-    """x [tokens, d], labels [tokens] (normalised) -> (loss [tokens], lse [tokens] float32)."""
+    """x [tokens, d], labels [tokens] (normalised) -> (loss [tokens], lse [tokens] float32).
+
+    The vocabulary is split across programs as well as the tokens (a few hundred programs keep
+    the GPU busy); a second, small kernel merges the splits.
+    """
     n_tokens, d = x.shape
     vocab = w.shape[1] if layout == "dv" else w.shape[0]
     bt = config.block_tokens
     d_padded = pl.cdiv(d, config.block_depth) * config.block_depth
-    tokens = pl.BlockSpec((bt,), lambda i: (i,))
-    return pl.pallas_call(
+    splits, per_split = _vocab_splits(n_tokens, vocab, config)
+    partial_shape = jax.ShapeDtypeStruct((splits, n_tokens), jnp.float32)
+    partial_block = pl.BlockSpec((compat.squeezed, bt), lambda i, s: (s, i))
+    partials = pl.pallas_call(
         functools.partial(_linear_ce_forward_kernel, layout=layout, n_tokens=n_tokens, d=d,
                           vocab=vocab, block_vocab=config.block_vocab,
-                          block_depth=config.block_depth),
-        out_shape=[jax.ShapeDtypeStruct((n_tokens,), out_dtype),
-                   jax.ShapeDtypeStruct((n_tokens,), jnp.float32)],
-        grid=(pl.cdiv(n_tokens, bt),),
-        in_specs=[pl.BlockSpec((bt, d_padded), lambda i: (i, 0)),
-                  _whole(_w_padded_shape(layout, d, vocab, config)), tokens],
-        out_specs=[tokens, tokens],
+                          block_depth=config.block_depth, blocks_per_split=per_split,
+                          ragged=splits * per_split != pl.cdiv(vocab, config.block_vocab)),
+        out_shape=[partial_shape] * 3,
+        grid=(pl.cdiv(n_tokens, bt), splits),
+        in_specs=[pl.BlockSpec((bt, d_padded), lambda i, s: (i, 0)),
+                  _whole(_w_padded_shape(layout, d, vocab, config)),
+                  pl.BlockSpec((bt,), lambda i, s: (i,))],
+        out_specs=[partial_block] * 3,
         compiler_params=_params(config),
         interpret=interpret_mode(),
         name="linear_cross_entropy_fwd",
     )(x, w, labels)
+    tokens = pl.BlockSpec((bt,), lambda i: (i,))
+    all_splits = pl.BlockSpec((pl.next_power_of_2(splits), bt), lambda i: (0, i))
+    return pl.pallas_call(
+        functools.partial(_linear_ce_combine_kernel, n_tokens=n_tokens, vocab=vocab,
+                          splits=splits),
+        out_shape=[jax.ShapeDtypeStruct((n_tokens,), out_dtype),
+                   jax.ShapeDtypeStruct((n_tokens,), jnp.float32)],
+        grid=(pl.cdiv(n_tokens, bt),),
+        in_specs=[all_splits] * 3 + [tokens],
+        out_specs=[tokens, tokens],
+        compiler_params=compat.gpu_compiler_params(num_warps=4, num_stages=1,
+                                                   interpret=interpret_mode()),
+        interpret=interpret_mode(),
+        name="linear_cross_entropy_fwd_combine",
+    )(*partials, labels)
 
 
 # Backward kernels (one vocabulary chunk of `chunk_vocab` columns starting at offset_ref[0])

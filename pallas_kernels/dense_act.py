@@ -4,12 +4,12 @@ dense_act:   y = act(x @ w + b)
 gated_dense: y = act(x @ w_gate) * (x @ w_up)       (SwiGLU with "silu", GeGLU with "gelu_*")
 
 Forward: a tiled matmul (f32 accumulator, loop over the contraction in `block_k` steps) whose
-epilogue adds the bias, applies the activation (and the gate) and also stores the pre-activations
-the backward needs. Backward: two tiled matmuls that recompute the activation's derivative from the
-saved pre-activations tile by tile, so dL/d(pre-activation) is never written to memory:
-dx = dz @ w^T (one program per dx tile, looping over d_out) and dw = x^T @ dz (one program per dw
-tile, looping over the rows; the program in the first row of tiles also sums db).
-The kernels serve both ops; `kind` says which epilogue.
+epilogue adds the bias, applies the activation (and the gate) and, under differentiation, also
+stores the pre-activations the backward needs. Backward: an elementwise kernel turns dy and the
+pre-activations into dz = dL/d(pre-activation) (dg and du for the gated form; dense identity
+skips it), then two tiled matmuls: dx = dz @ w^T (one program per dx tile, looping over d_out)
+and dw = x^T @ dz (one program per dw tile, looping over the rows; the programs in the first row
+of tiles also sum db). The kernels serve both ops; `kind` says which epilogue.
 """
 from __future__ import annotations
 
@@ -206,13 +206,14 @@ def _forward_kernel(*refs, kind, activation, n_weights, has_bias, n_pre, m, n, k
 
 # Forward wrapper
 
-def dense_forward(kind: str, activation: str, x, weights, bias, out_dtype, config: DenseConfig):
-    """x [m, k], weights [k, n] each -> (y [m, n] out_dtype, saved pre-activations)."""
+def dense_forward(kind: str, activation: str, x, weights, bias, out_dtype, config: DenseConfig,
+                  *, save_pre: bool):
+    """x [m, k], weights [k, n] each -> (y [m, n] out_dtype, pre-activations saved if asked)."""
     m, k = x.shape
     n = weights[0].shape[1]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     k_padded = pl.cdiv(k, bk) * bk
-    n_pre = _saves_pre(kind, activation)
+    n_pre = _saves_pre(kind, activation) if save_pre else 0
     operands = [x, *weights] + ([bias] if bias is not None else [])
     in_specs = ([pl.BlockSpec((bm, k_padded), lambda i, j: (i, 0))]
                 + [pl.BlockSpec((k_padded, bn), lambda i, j: (0, j))] * len(weights)
@@ -238,11 +239,22 @@ def dense_forward(kind: str, activation: str, x, weights, bias, out_dtype, confi
 # ----------------------------------------------------------------------------------------------
 # Backward kernels
 
-def _grad_input_kernel(*refs, kind, activation, n_pre, n_weights, m, n, k, block_k):
-    """dx tile = sum over branches of dz_branch @ w_branch^T, dz recomputed per tile."""
-    dy_ref, *refs = refs
-    pre_refs, refs = refs[:n_pre], refs[n_pre:]
-    w_refs, dx_ref = refs[:n_weights], refs[n_weights]
+def _pre_grad_kernel(dy_ref, *refs, kind, activation, n_pre, m, n):
+    """dL/d(pre-activation) tiles from dy and the saved pre-activations (elementwise)."""
+    pre_refs, dz_refs = refs[:n_pre], refs[n_pre:]
+    block_m, block_n = dy_ref.shape
+    rows = pl.program_id(0) * block_m + jnp.arange(block_m)
+    cols = pl.program_id(1) * block_n + jnp.arange(block_n)
+    bounds = (_bound(m, block_m), _bound(n, block_n))
+    dy = _load_tile(dy_ref, rows, cols, *bounds).astype(jnp.float32)
+    pre = [_load_tile(r, rows, cols, *bounds).astype(jnp.float32) for r in pre_refs]
+    for ref, dz in zip(dz_refs, _epilogue_grad(kind, activation, dy, pre)):
+        _store_tile(ref, dz, rows, cols, *bounds)
+
+
+def _grad_input_kernel(*refs, n_weights, m, n, k, block_k):
+    """dx tile = sum over branches of dz_branch @ w_branch^T, looping over d_out."""
+    dz_refs, w_refs, dx_ref = refs[:n_weights], refs[n_weights:2 * n_weights], refs[-1]
     block_m, block_n = dx_ref.shape  # rows of x, columns of x (= rows of w)
     rows = pl.program_id(0) * block_m + jnp.arange(block_m)
     x_cols = pl.program_id(1) * block_n + jnp.arange(block_n)
@@ -252,13 +264,10 @@ def _grad_input_kernel(*refs, kind, activation, n_pre, n_weights, m, n, k, block
         n0 = pl.multiple_of(s * block_k, block_k)
         out_cols = n0 + jnp.arange(block_k)
         chunk = pl.ds(n0, block_k)
-        dy = _load_tile(dy_ref.at[:, chunk], rows, out_cols, m_bound, n_bound)
-        pre = [_load_tile(r.at[:, chunk], rows, out_cols, m_bound, n_bound).astype(jnp.float32)
-               for r in pre_refs]
-        dzs = _epilogue_grad(kind, activation, dy.astype(jnp.float32), pre)
-        for dz, w_ref in zip(dzs, w_refs):
+        for dz_ref, w_ref in zip(dz_refs, w_refs):
+            dz = _load_tile(dz_ref.at[:, chunk], rows, out_cols, m_bound, n_bound)
             w = _load_tile(w_ref.at[:, chunk], x_cols, out_cols, k_bound, n_bound)
-            acc = acc + lax.dot_general(dz.astype(w.dtype), w, (((1,), (1,)), ((), ())),
+            acc = acc + lax.dot_general(dz, w, (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32)
         return acc
 
@@ -266,12 +275,11 @@ def _grad_input_kernel(*refs, kind, activation, n_pre, n_weights, m, n, k, block
     _store_tile(dx_ref, acc, rows, x_cols, m_bound, k_bound)
 
 
-def _grad_weights_kernel(*refs, kind, activation, n_pre, n_weights, has_bias, m, n, k, block_k):
-    """dw tile = x^T @ dz over all rows; the first row of programs also writes db."""
-    x_ref, dy_ref, *refs = refs
-    pre_refs, refs = refs[:n_pre], refs[n_pre:]
-    dw_refs = refs[:n_weights]
-    db_ref = refs[n_weights] if has_bias else None
+def _grad_weights_kernel(*refs, n_weights, has_bias, m, n, k, block_k):
+    """dw tile = x^T @ dz over all rows; the first row of programs also writes db = sum(dz)."""
+    x_ref, refs = refs[0], refs[1:]
+    dz_refs, dw_refs = refs[:n_weights], refs[n_weights:2 * n_weights]
+    db_ref = refs[2 * n_weights] if has_bias else None
     block_m, block_n = dw_refs[0].shape  # columns of x, columns of y
     x_cols = pl.program_id(0) * block_m + jnp.arange(block_m)
     out_cols = pl.program_id(1) * block_n + jnp.arange(block_n)
@@ -282,17 +290,13 @@ def _grad_weights_kernel(*refs, kind, activation, n_pre, n_weights, has_bias, m,
         rows = m0 + jnp.arange(block_k)
         chunk = pl.ds(m0, block_k)
         x = _load_tile(x_ref.at[chunk, :], rows, x_cols, m_bound, k_bound)
-        dy = _load_tile(dy_ref.at[chunk, :], rows, out_cols, m_bound, n_bound)
-        pre = [_load_tile(r.at[chunk, :], rows, out_cols, m_bound, n_bound).astype(jnp.float32)
-               for r in pre_refs]
-        dzs = _epilogue_grad(kind, activation, dy.astype(jnp.float32), pre)
-        dw_accs = tuple(
-            acc + lax.dot_general(x, dz.astype(x.dtype), (((0,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
-            for acc, dz in zip(accs[:n_weights], dzs))
+        dzs = [_load_tile(r.at[chunk, :], rows, out_cols, m_bound, n_bound) for r in dz_refs]
+        new = tuple(acc + lax.dot_general(x, dz, (((0,), (0,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
+                    for acc, dz in zip(accs, dzs))
         if has_bias:
-            return dw_accs + (accs[n_weights] + jnp.sum(dzs[0], axis=0),)
-        return dw_accs
+            new += (accs[n_weights] + jnp.sum(dzs[0].astype(jnp.float32), axis=0),)
+        return new
 
     accs = (jnp.zeros((block_m, block_n), jnp.float32),) * n_weights
     if has_bias:
@@ -310,46 +314,63 @@ def _grad_weights_kernel(*refs, kind, activation, n_pre, n_weights, has_bias, m,
 # Backward wrapper
 
 def dense_backward(kind: str, activation: str, x, weights, bias, pre, dy, config: DenseConfig):
-    """(dx, [dw per weight], db or None) for `dense_forward`'s output cotangent dy."""
+    """(dx, [dw per weight], db or None) for `dense_forward`'s output cotangent dy.
+
+    dL/d(pre-activation) is computed once by an elementwise kernel (skipped for dense identity,
+    where it is dy) and then read by two matmul kernels: recomputing it inside them would repeat
+    the activation's derivative once per tile of d_in, which costs more than a pass over memory.
+    """
     m, k = x.shape
     n = dy.shape[1]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
-    n_pre, n_weights = len(pre), len(weights)
-    common = dict(kind=kind, activation=activation, n_pre=n_pre, n_weights=n_weights,
-                  m=m, n=n, k=k, block_k=bk)
+    n_weights = len(weights)
+    tile = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
+    if kind == "dense" and activation == "identity":
+        dzs = [dy]
+    else:
+        dzs = pl.pallas_call(
+            functools.partial(_pre_grad_kernel, kind=kind, activation=activation,
+                              n_pre=len(pre), m=m, n=n),
+            out_shape=[jax.ShapeDtypeStruct((m, n), x.dtype)] * n_weights,
+            grid=(pl.cdiv(m, bm), pl.cdiv(n, bn)),
+            in_specs=[tile] * (1 + len(pre)),
+            out_specs=[tile] * n_weights,
+            compiler_params=_params(config),
+            interpret=interpret_mode(),
+            name=f"{kind}_bwd_dz",
+        )(dy, *pre)
 
     n_padded = pl.cdiv(n, bk) * bk
-    row_chunks = pl.BlockSpec((bm, n_padded), lambda i, j: (i, 0))
     dx = pl.pallas_call(
-        functools.partial(_grad_input_kernel, **common),
+        functools.partial(_grad_input_kernel, n_weights=n_weights, m=m, n=n, k=k, block_k=bk),
         out_shape=jax.ShapeDtypeStruct((m, k), x.dtype),
         grid=(pl.cdiv(m, bm), pl.cdiv(k, bn)),
-        in_specs=[row_chunks] * (1 + n_pre)
+        in_specs=[pl.BlockSpec((bm, n_padded), lambda i, j: (i, 0))] * n_weights
         + [pl.BlockSpec((bn, n_padded), lambda i, j: (j, 0))] * n_weights,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_specs=tile,
         compiler_params=_params(config),
         interpret=interpret_mode(),
         name=f"{kind}_bwd_dx",
-    )(dy, *pre, *weights)
+    )(*dzs, *weights)
 
     m_padded = pl.cdiv(m, bk) * bk
-    column_chunks = pl.BlockSpec((m_padded, bn), lambda i, j: (0, j))
     out_shape = [jax.ShapeDtypeStruct((k, n), w.dtype) for w in weights]
-    out_specs = [pl.BlockSpec((bm, bn), lambda i, j: (i, j))] * n_weights
+    out_specs = [tile] * n_weights
     if bias is not None:
         out_shape.append(jax.ShapeDtypeStruct((n,), bias.dtype))
         out_specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
     grads = pl.pallas_call(
-        functools.partial(_grad_weights_kernel, has_bias=bias is not None, **common),
+        functools.partial(_grad_weights_kernel, n_weights=n_weights, has_bias=bias is not None,
+                          m=m, n=n, k=k, block_k=bk),
         out_shape=out_shape,
         grid=(pl.cdiv(k, bm), pl.cdiv(n, bn)),
         in_specs=[pl.BlockSpec((m_padded, bm), lambda i, j: (0, i))]
-        + [column_chunks] * (1 + n_pre),
+        + [pl.BlockSpec((m_padded, bn), lambda i, j: (0, j))] * n_weights,
         out_specs=out_specs,
         compiler_params=_params(config),
         interpret=interpret_mode(),
         name=f"{kind}_bwd_dw",
-    )(x, dy, *pre)
+    )(x, *dzs)
     return dx, list(grads[:n_weights]), grads[n_weights] if bias is not None else None
 
 
@@ -359,12 +380,12 @@ def dense_backward(kind: str, activation: str, x, weights, bias, pre, dy, config
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _dense_act_pallas(x, w, b, activation, config):
     out_dtype = jnp.result_type(x, w, *([b] if b is not None else []))
-    return dense_forward("dense", activation, x, [w], b, out_dtype, config)[0]
+    return dense_forward("dense", activation, x, [w], b, out_dtype, config, save_pre=False)[0]
 
 
 def _dense_act_pallas_fwd(x, w, b, activation, config):
     out_dtype = jnp.result_type(x, w, *([b] if b is not None else []))
-    y, pre = dense_forward("dense", activation, x, [w], b, out_dtype, config)
+    y, pre = dense_forward("dense", activation, x, [w], b, out_dtype, config, save_pre=True)
     return y, (x, w, b, pre)
 
 
@@ -379,11 +400,13 @@ _dense_act_pallas.defvjp(_dense_act_pallas_fwd, _dense_act_pallas_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _gated_dense_pallas(x, w_gate, w_up, activation, config):
-    return dense_forward("gated", activation, x, [w_gate, w_up], None, x.dtype, config)[0]
+    return dense_forward("gated", activation, x, [w_gate, w_up], None, x.dtype, config,
+                         save_pre=False)[0]
 
 
 def _gated_dense_pallas_fwd(x, w_gate, w_up, activation, config):
-    y, pre = dense_forward("gated", activation, x, [w_gate, w_up], None, x.dtype, config)
+    y, pre = dense_forward("gated", activation, x, [w_gate, w_up], None, x.dtype, config,
+                           save_pre=True)
     return y, (x, w_gate, w_up, pre)
 
 

@@ -4,9 +4,10 @@ The references are logsumexp(logits) - take_along_axis(logits, labels) (the opta
 linear_cross_entropy's materialises x @ w), evaluated and differentiated in float64. Values and
 gradients for a fresh random cotangent are compared element by element; rows whose label is out
 of range must be NaN exactly where the reference is, with the reference's gradient (softmax times
-the cotangent). The Pallas subclass uses 16-wide blocks and 32-column backward chunks, so the odd
-sizes here span several blocks and chunks and end in partial ones; interpret mode fills unwritten
-outputs and out-of-bounds reads with NaN, so the finiteness checks catch leaks.
+the cotangent). The Pallas subclass uses 16-wide blocks, 32-column backward chunks and few
+forward programs, so the odd sizes here span several blocks, chunks and vocabulary splits (in
+one case the last split runs past the vocabulary) and end in partial ones; interpret mode fills
+unwritten outputs and out-of-bounds reads with NaN, so the finiteness checks catch leaks.
 """
 from __future__ import annotations
 
@@ -186,7 +187,8 @@ class TestPallas(CrossEntropyTests):
     SOFTMAX_KWARGS = {"config": CrossEntropyConfig(block_rows=4, block_vocab=16, num_warps=4)}
     LINEAR_KWARGS = {"config": LinearCrossEntropyConfig(block_tokens=16, block_vocab=16,
                                                         block_depth=16, chunk_vocab=32,
-                                                        num_warps=4, num_stages=2)}
+                                                        num_warps=4, num_stages=2,
+                                                        forward_programs=8)}
 
     def test_all_work_in_pallas(self):
         rng = np.random.default_rng(3)
@@ -198,12 +200,13 @@ class TestPallas(CrossEntropyTests):
         # The outer matmul feeding softmax_cross_entropy is the caller's, not the kernel's.
         for fn, forward_calls, grad_calls, forbidden in (
                 (softmax, 1, 2, FORBIDDEN - {"dot_general"}),
-                (linear, 1, 4, FORBIDDEN)):
+                (linear, 2, 5, FORBIDDEN)):
             loss = lambda x, w: jnp.sum(fn(x, w) * jnp.arange(5.0))
             forward = jax.make_jaxpr(fn)(x, w)
             backward = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w)
             assert str(forward).count("pallas_call[") == forward_calls
-            # linear: forward; then dlogits, dx and dw inside the loop over vocabulary chunks.
+            # linear: forward and merge of its vocabulary splits; then dlogits, dx and dw inside
+            # the loop over vocabulary chunks.
             assert str(backward).count("pallas_call[") == grad_calls
             assert forbidden_outside_pallas(forward.jaxpr, forbidden) == []
             assert forbidden_outside_pallas(backward.jaxpr, forbidden) == []

@@ -156,7 +156,8 @@ class TestPallas(DenseTests):
             forward = jax.make_jaxpr(fn)(x, w, b)
             backward = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
             assert str(forward).count("pallas_call[") == 1
-            assert str(backward).count("pallas_call[") == 3  # forward, dx, dw (and db)
+            # forward, dL/d(pre-activations), dx, dw (and db)
+            assert str(backward).count("pallas_call[") == 4
             assert forbidden_outside_pallas(forward.jaxpr, FORBIDDEN) == []
             assert forbidden_outside_pallas(backward.jaxpr, FORBIDDEN) == []
 
