@@ -63,7 +63,7 @@ class ResNetConfig:
 
 
 PRESETS = {
-    "resnet-tiny": ResNetConfig(stage_sizes=(1, 1), width=8, image_size=32, num_classes=10),
+    "resnet-tiny": ResNetConfig(stage_sizes=(1, 1), width=32, image_size=32, num_classes=10),
     "resnet-50": ResNetConfig(),
 }
 

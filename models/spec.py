@@ -8,6 +8,7 @@ which the training-mode loss does not read), and ``optax`` transforms apply dire
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -28,7 +29,8 @@ class ModelSpec:
       name: the registry name.
       config: the model's typed config dataclass, overrides applied.
       init: ``init(rng) -> params``, a pure function of the key (``jax.eval_shape`` traces it).
-      apply: ``apply(params, batch) -> outputs``: logits in the compute dtype.
+      apply: ``apply(params, batch) -> outputs``: logits in the compute dtype (models with
+        BatchNorm also take ``train=``; the default ``False`` uses the running statistics).
       loss: ``loss(params, batch) -> scalar``: mean float32 cross-entropy, in training mode.
       batch: ``batch(rng, batch_size) -> dict`` of synthetic arrays, deterministic in the key,
         each with ``batch_size`` as its leading axis.
@@ -74,9 +76,10 @@ def mean_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 class NNXFunctions:
     """Pure ``init`` and ``merge`` for an NNX module built by ``make_module(rngs)``.
 
-    The module's structure (its graphdef) is taken once from an abstract instance; ``init``
-    builds a real one from the key and returns its variables as plain dicts, one per collection;
-    ``merge`` rebuilds the module from such dicts inside ``apply`` and ``loss``.
+    ``init`` builds a real module from the key and returns its variables as plain dicts, one per
+    collection; ``merge`` rebuilds the module from such dicts inside ``apply`` and ``loss``. The
+    module's structure (its graphdef) comes from an abstract instance, built on first use so
+    that ``models.get`` stays cheap.
     """
 
     def __init__(self, make_module: Callable[[nnx.Rngs], nnx.Module],
@@ -84,13 +87,17 @@ class NNXFunctions:
         self._make_module = make_module
         self.collections = collections
         self._filters = tuple(_COLLECTIONS[c] for c in collections)
-        abstract = nnx.eval_shape(lambda: make_module(nnx.Rngs(params=0)))
-        self.graphdef, *_, rest = nnx.split(abstract, *self._filters, ...)
+
+    @functools.cached_property
+    def graphdef(self):
+        abstract = nnx.eval_shape(lambda: self._make_module(nnx.Rngs(params=0)))
+        graphdef, *_, rest = nnx.split(abstract, *self._filters, ...)
         if jax.tree.leaves(rest):
             raise TypeError(
                 f"{type(abstract).__name__} holds variables outside the collections "
-                f"{collections}: {rest}. Store only nnx.Param (and nnx.BatchStat) in models of "
-                "the zoo, e.g. build nnx.MultiHeadAttention with keep_rngs=False.")
+                f"{self.collections}: {rest}. Store only nnx.Param (and nnx.BatchStat) in models "
+                "of the zoo, e.g. build nnx.MultiHeadAttention with keep_rngs=False.")
+        return graphdef
 
     def init(self, rng: jax.Array) -> dict:
         return self.state(self._make_module(nnx.Rngs(params=rng)))
