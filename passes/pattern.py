@@ -118,9 +118,10 @@ def literal_value(region, atom):
     cast by equations (which are read, not consumed). None for anything else."""
     for _ in range(8):
         if isinstance(atom, C.Literal):
-            if isinstance(atom.val, (int, float, np.number, np.bool_)):
-                return float(atom.val)
-            v = np.asarray(atom.val)
+            v = atom.val
+            if isinstance(v, (int, float, np.number, np.bool_)) or getattr(v, "shape", None) == ():
+                return float(v)
+            v = np.asarray(v)
             if v.size == 0 or not np.all(v == v.flat[0]):
                 return None
             return float(v.flat[0])
@@ -302,7 +303,9 @@ class Op(Pattern):
                  commutative: bool = False, rank=None, dtype=None, shape=None,
                  where: Callable | None = None):
         self.prims = _prims(primitive)
+        self._names = _prim_names(self.prims)
         self.operands = tuple(operands)
+        self._operand_roots = tuple(p.root_primitives() for p in self.operands)
         self.name, self.params, self.commutative = name, dict(params or {}), commutative
         self.rank, self.dtype, self.shape, self.pred = rank, dtype, shape, where
         if commutative and len(operands) != 2:
@@ -319,10 +322,10 @@ class Op(Pattern):
                            _describe(st.bindings[self.name]))
         pos, eqn = st.producer(atom)
         if eqn is None:
-            return st.fail("expected `{}`, got {}", _prim_names(self.prims),
+            return st.fail("expected `{}`, got {}", self._names,
                            "an input" if isinstance(atom, C.Var) else _describe(atom))
         if eqn.primitive not in self.prims:
-            return st.fail("expected `{}`, got `{}`", _prim_names(self.prims), eqn.primitive)
+            return st.fail("expected `{}`, got `{}`", self._names, eqn.primitive)
         if len(eqn.invars) != len(self.operands):
             return st.fail("`{}` has {} operands, the pattern {}", eqn.primitive,
                            len(eqn.invars), len(self.operands))
@@ -337,11 +340,21 @@ class Op(Pattern):
                     return st.fail("{} {} {}", eqn.primitive, key, reason)
             elif not _param_equal(have, want):
                 return st.fail("{} {} {!r} != {!r}", eqn.primitive, key, have, want)
+        # Look one level ahead (operands' producing primitives) before recursing.
+        orders = [o for o in ((eqn.invars, eqn.invars[::-1]) if self.commutative
+                              else (eqn.invars,)) if self._fits(st, o)]
+        if not orders:
+            return st.fail("`{}` operands come from {}", eqn.primitive, _Lazy(
+                lambda: ", ".join(f"`{e.primitive}`" if e is not None else "inputs/constants"
+                                  for e in (st.producer(a)[1] for a in eqn.invars))))
         st.eqns.add(pos)
-        r = self._operands(st, eqn.invars, self.operands)
-        if not r and self.commutative:
-            swapped = self._operands(st, eqn.invars[::-1], self.operands)
-            r = swapped if swapped else r
+        r = None
+        for atoms in orders:
+            attempt = self._operands(st, atoms, self.operands)
+            if attempt:
+                r = attempt
+                break
+            r = attempt if r is None else r  # report the first failure
         if not r:
             return r
         if self.pred is not None:
@@ -350,6 +363,14 @@ class Op(Pattern):
                 return st.fail("`{}` {}", eqn.primitive, reason)
         if self.name is not None:
             st.bindings[self.name] = atom
+        return True
+
+    def _fits(self, st, atoms) -> bool:
+        for a, roots in zip(atoms, self._operand_roots):
+            if roots is not None:
+                _, e = st.producer(a)
+                if e is None or e.primitive not in roots:
+                    return False
         return True
 
     @staticmethod
@@ -588,17 +609,25 @@ class Product(Pattern):
         if any(all(j not in a for a in allowed) for j in self._required_ids):
             return st.fail("the product's factors ({}) fit none of the factor patterns",
                            _Lazy(lambda: ", ".join(format(_describe(a)) for a, _ in leaves)))
+        # The first factor matched sees no captures of the others: a failure there holds for
+        # every assignment pairing the same leaf and factor.
+        first_failed = set()
         for perm in itertools.permutations(range(m), n):
             if any(j not in allowed[i] for i, j in enumerate(perm)):
                 continue
             if sum(not isinstance(self.factors[j], Optional) for j in perm) != self.required:
                 continue
+            order = sorted(enumerate(perm), key=lambda t: t[1])
+            if order[0] in first_failed:
+                continue
             saved = st.save()
             st.eqns.update(consumed)
             r = True
-            for i, j in sorted(enumerate(perm), key=lambda t: t[1]):
+            for k, (i, j) in enumerate(order):
                 r = _factor_match(self.factors[j], st, leaves[i][0], leaves[i][1])
                 if not r:
+                    if k == 0:
+                        first_failed.add((i, j))
                     break
             if r:
                 return True
@@ -788,7 +817,7 @@ class PatternRule(Rule):
         pattern's root). With several, the replacement returns a tuple.
       priority: higher wins where matches overlap.
       maximal: defer to this rule's own match at the root's only user when that match takes
-        everything this one does (so `(x - m) * r * scale` is one match, not `(x - m) * r`).
+        this root (so `(x - m) * r * scale` is one match, not `(x - m) * r`).
     """
 
     def __init__(self, name: str, pattern: Pattern, replacement: Callable, *,
@@ -817,19 +846,32 @@ class PatternRule(Rule):
         return m
 
     def _maximal_match(self, region, position):
+        # The engine takes the earliest root first; where this rule also matches at the only
+        # user of this root and that match takes this root, leave the site to that match.
+        user = None
+        if self.maximal:
+            outvars = region.eqns[position].outvars
+            users = region.users(outvars[0]) if len(outvars) == 1 else ()
+            if len(users) == 1 and users[0] != OUTPUT and \
+                    region.eqns[users[0]].primitive in self.roots:
+                user = users[0]
+                known = self._memo.get(user)
+                if known is not None and self._takes(known, position):
+                    return self._deferred(region, user)
         m = self._match(region, position)
-        if not m or not self.maximal or m.declined:
+        if not m or m.declined or user is None:
             return m
-        # The engine takes the earliest root first; where the rule also matches at the only
-        # user of this root, taking everything matched here, leave the site to that match.
-        root = region.eqns[position].outvars[0]
-        users = region.users(root)
-        if len(users) == 1 and users[0] != OUTPUT and region.eqns[users[0]].primitive in self.roots:
-            bigger = self.match(region, users[0])
-            if bigger and not bigger.declined and m.eqns <= bigger.eqns:
-                return NoMatch("part of a larger match rooted at `{}`",
-                               region.eqns[users[0]].primitive)
+        if self._takes(self.match(region, user), position):
+            return self._deferred(region, user)
         return m
+
+    @staticmethod
+    def _takes(m, position) -> bool:
+        return bool(m) and not m.declined and position in m.eqns
+
+    @staticmethod
+    def _deferred(region, user):
+        return NoMatch("part of a larger match rooted at `{}`", region.eqns[user].primitive)
 
     def _match(self, region, position):
         eqn = region.eqns[position]

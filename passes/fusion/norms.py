@@ -67,17 +67,17 @@ def _scale():
                         RowVector("scale")))
 
 
-def _centered():
-    return Op(lax.sub_p, Same("x"), mean_last(Same("x")))
-
-
 def layer_norm_pattern():
     x = Any("x", dtype=is_floating)
-    two_pass = mean_last(square(_centered()))
-    fast = Op(lax.sub_p, mean_last(square(Same("x"))), square(mean_last(Same("x"))))
+    # The variance usually reuses the centered x and the mean (CSE merged them): the identity
+    # check comes first, a separate computation of the same is matched in full.
+    mean = Alt(Same("mean"), mean_last(Same("x")))
+    centered = Alt(Same("centered"), Op(lax.sub_p, Same("x"), mean))
+    two_pass = mean_last(square(centered))
+    fast = Op(lax.sub_p, mean_last(square(Same("x"))), square(mean))
     variance = Alt(two_pass, Op(lax.max_p, fast, Lit(0.0)), fast)
-    normalized = Product(Op(lax.sub_p, x, mean_last(Same("x"))), inverse_root(variance),
-                         _scale())
+    normalized = Product(Op(lax.sub_p, x, Capture("mean", mean_last(Same("x"))), name="centered"),
+                         inverse_root(variance), _scale())
     return Alt(Op(lax.add_p, normalized, RowVector("bias"), commutative=True), normalized)
 
 
