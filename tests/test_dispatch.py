@@ -210,6 +210,8 @@ class ToyConfig:
 
 
 def toy_run(x, *, config):
+    if config.rounds < 0:
+        raise NotImplementedError("a negative number of rounds")
     m = jnp.eye(128) + 1e-3
     start = jnp.ones((128, 128)) * jnp.mean(x)  # depends on x: no constant folding
     acc = jax.lax.fori_loop(0, config.rounds, lambda i, a: jnp.tanh(a @ m), start)
@@ -219,14 +221,15 @@ def toy_run(x, *, config):
 def test_tuned_config_times_the_space_and_caches_the_winner(simulated_gpu):
     path, timed = simulated_gpu
     x = jnp.ones(6)
-    space = [ToyConfig(20), ToyConfig(1), ToyConfig(10)]
+    space = [ToyConfig(20), ToyConfig(-1), ToyConfig(1), ToyConfig(10)]
     best = _dispatch.tuned_config("toy/pallas", toy_run, (x,), {}, space, ToyConfig(99))
     assert best == ToyConfig(1)
-    assert len(timed) == 3
+    assert len(timed) == 3  # the failing config is skipped
     assert _dispatch.tuned_config("toy/pallas", toy_run, (x,), {}, space, ToyConfig(99)) == best
     assert len(timed) == 3
     (entry,) = [v for k, v in json.loads(path.read_text()).items() if "toy/pallas config" in k]
     assert entry["config"] == {"rounds": 1} and len(entry["ms"]) == 3
+    assert "a negative number of rounds" in entry["failed"]["ToyConfig(rounds=-1)"]
 
 
 def test_tuned_config_is_the_heuristic_on_cpu():
