@@ -2,8 +2,9 @@
 
 Every model's config is a frozen dataclass whose fields are ints, floats, strings or tuples of
 ints, plus ``dtype``, the compute dtype by name. Parameters are always float32; ``"bfloat16"``
-computes matmuls, convolutions and activations in bfloat16 (norm statistics, softmax and the
-loss stay in float32, as Flax's own layers and most training code do).
+computes matmuls, convolutions and activations in bfloat16. Norm statistics (Flax's layers) and
+the loss stay in float32; GPT-2 and Llama take their softmax in float32, while ViT's
+``nnx.MultiHeadAttention`` computes it in the compute dtype, as Flax does.
 """
 from __future__ import annotations
 
