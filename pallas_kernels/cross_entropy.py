@@ -655,10 +655,15 @@ def _xla_chunks(vocab: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def _xla_chunk_logits(x, w, start, size, layout):
+    """float32 logits of one column chunk, and the chunk of w.
+
+    The matmul writes them in the inputs' dtype, as `x @ w` does, and they are widened after:
+    the chunk round-trips through memory, so float32 there would double its traffic.
+    """
     axis = 1 if layout == "dv" else 0
     w_chunk = lax.dynamic_slice_in_dim(w, start, size, axis=axis)
     dims = (((1,), (0,)), ((), ())) if layout == "dv" else (((1,), (1,)), ((), ()))
-    return lax.dot_general(x, w_chunk, dims, preferred_element_type=jnp.float32), w_chunk
+    return lax.dot_general(x, w_chunk, dims).astype(jnp.float32), w_chunk
 
 
 def _xla_for_each_chunk(vocab, chunk, body, carry):
@@ -747,8 +752,8 @@ def linear_cross_entropy_xla(x, w, labels, *, w_layout: str = "dv"):
     if labels.size == 0:
         return jnp.zeros(labels.shape, dtype)
     x2d = x.reshape(-1, d).astype(dtype)
-    # Chunks whose float32 logits take about 64 MB; at least 128 columns (whole vocab if less).
-    chunk = min(vocab, _chunk_columns(x2d.shape[0], vocab, 4, 128))
+    # Chunks whose logits take about 64 MB; at least 128 columns (the whole vocab if less).
+    chunk = min(vocab, _chunk_columns(x2d.shape[0], vocab, jnp.dtype(dtype).itemsize, 128))
     loss = _linear_ce_xla(x2d, w.astype(dtype), _normalize_labels(labels.reshape(-1), vocab),
                           w_layout, chunk)
     return loss.astype(dtype).reshape(labels.shape)
