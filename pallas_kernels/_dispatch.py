@@ -37,6 +37,7 @@ import statistics
 import tempfile
 import threading
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -186,9 +187,11 @@ def check_lowering(op_name: str, impl: str, fn: Callable, args, kwargs) -> None:
 
 
 def clear_caches() -> None:
-    """Forget lowering verdicts (the JSON timing cache on disk is kept)."""
+    """Forget lowering verdicts and timings held in memory (the JSON file on disk is kept)."""
     with _verdicts_lock:
         _verdicts.clear()
+    with _cache_lock:
+        _timings.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,26 +204,45 @@ def cache_path() -> str:
 
 
 _cache_lock = threading.Lock()
+_timings: dict[tuple[str, str], dict] = {}  # (cache file, key) -> entry, read or measured
 
 
-def _read_cache() -> dict:
+def _read_cache(path: str) -> dict:
     try:
-        with open(cache_path()) as f:
+        with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
 
 
-def _write_cache_entry(key: str, entry: dict) -> None:
+def _cached_entry(key: str) -> dict | None:
     path = cache_path()
     with _cache_lock:
-        cache = _read_cache()
-        cache[key] = entry
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        if (path, key) not in _timings:
+            entry = _read_cache(path).get(key)
+            if entry is None:
+                return None
+            _timings[path, key] = entry
+        return _timings[path, key]
+
+
+def _write_cache_entry(key: str, entry: dict) -> None:
+    """Keep `entry` in memory and in the JSON file (a file that cannot be written only warns)."""
+    path = cache_path()
+    with _cache_lock:
+        _timings[path, key] = entry
+        try:
+            cache = _read_cache(path)
+            cache[key] = entry
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(cache, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as e:
+            warnings.warn(f"pallas_kernels: could not write the timing cache {path} ({e}); "
+                          f"set PALLAS_KERNELS_CACHE to a writable file to keep timings across "
+                          f"processes")
 
 
 def _cache_key(what: str, bound: _BoundCall) -> str:
@@ -288,7 +310,7 @@ def measured_order(op: "Op", args, kwargs) -> list[str]:
     """
     bound = _BoundCall.of(args, kwargs)
     key = _cache_key(op.name, bound)
-    entry = _read_cache().get(key)
+    entry = _cached_entry(key)
     if entry is None:
         seconds, declined = {}, {}
         for name, fn in op.impls.items():
@@ -317,7 +339,7 @@ def tuned_config(what: str, run: Callable, args, kwargs, space: Sequence[Any], d
         return default
     bound = _BoundCall.of(args, kwargs)
     key = _cache_key(f"{what} config", bound)
-    entry = _read_cache().get(key)
+    entry = _cached_entry(key)
     if entry is not None:
         return type(default)(**entry["config"])
     seconds, failed = {}, {}

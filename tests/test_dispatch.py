@@ -235,3 +235,16 @@ def test_tuned_config_times_the_space_and_caches_the_winner(simulated_gpu):
 def test_tuned_config_is_the_heuristic_on_cpu():
     assert _dispatch.tuned_config("toy/pallas", toy_run, (jnp.ones(2),), {},
                                   [ToyConfig(1)], ToyConfig(7)) == ToyConfig(7)
+
+
+def test_unwritable_cache_warns_and_keeps_the_choice_in_memory(simulated_gpu, monkeypatch,
+                                                                tmp_path):
+    _, timed = simulated_gpu
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("")
+    monkeypatch.setenv("PALLAS_KERNELS_CACHE", str(blocker / "timings.json"))
+    op = make_op("unwritable", {"pallas": slow_double, "xla": lambda x: x * 2.0})
+    with pytest.warns(UserWarning, match="could not write the timing cache"):
+        assert _dispatch.measured_order(op, (jnp.ones(3),), {}) == ["xla", "pallas"]
+    assert _dispatch.measured_order(op, (jnp.ones(3),), {}) == ["xla", "pallas"]
+    assert len(timed) == 2
