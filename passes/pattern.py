@@ -32,6 +32,8 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import math
+import threading
 from typing import Callable, Sequence
 
 import jax
@@ -115,22 +117,30 @@ _CONSTANT_CHAIN = (lax.broadcast_in_dim_p, lax.reshape_p, lax.convert_element_ty
 
 def literal_value(region, atom):
     """The float value of a uniform constant: a scalar literal, possibly broadcast, reshaped or
-    cast by equations (which are read, not consumed). None for anything else."""
+    cast by equations (which are read, not consumed; casts round the value as they would).
+    None for anything else."""
+    casts = []
     for _ in range(8):
         if isinstance(atom, C.Literal):
             v = atom.val
-            if isinstance(v, (int, float, np.number, np.bool_)) or getattr(v, "shape", None) == ():
+            if not casts and (isinstance(v, (int, float, np.number, np.bool_))
+                              or getattr(v, "shape", None) == ()):
                 return float(v)
             v = np.asarray(v)
             if v.size == 0 or not np.all(v == v.flat[0]):
                 return None
-            return float(v.flat[0])
+            v = v.flat[0]
+            for dtype in reversed(casts):
+                v = np.asarray(v).astype(dtype)
+            return float(v)
         pos = region.producer(atom) if isinstance(atom, C.Var) else None
         if pos is None:
             return None
         eqn = region.eqns[pos]
         if eqn.primitive not in _CONSTANT_CHAIN or len(eqn.invars) != 1:
             return None
+        if eqn.primitive is lax.convert_element_type_p:
+            casts.append(eqn.outvars[0].aval.dtype)
         atom = eqn.invars[0]
     return None
 
@@ -172,7 +182,9 @@ def _check_aval(atom, rank, dtype, shape):
     return None
 
 
+@functools.lru_cache(maxsize=64)
 def is_floating(dtype):
+    """A `dtype=` predicate: floating-point dtypes (bfloat16 included)."""
     return bool(jax.dtypes.issubdtype(dtype, np.floating)) or "not a floating-point dtype"
 
 
@@ -214,8 +226,6 @@ class Any(Pattern):
                 return True
             return st.fail("{} is {} here but {} before", label, _describe(atom),
                            _describe(st.bindings[self.name]))
-        if not isinstance(atom, (C.Var, C.Literal)):
-            return st.fail("{}: expected a value", label)
         reason = _check_aval(atom, self.rank, self.dtype, self.shape)
         if reason is None and self.pred is not None:
             reason = _run_predicate(self.pred, atom, Bindings(st))
@@ -244,7 +254,7 @@ class Same(Pattern):
 class Lit(Pattern):
     """A uniform constant: value within `rtol`/`atol` of `value` (any value when None).
 
-    `name` captures the float value (not an atom).
+    `name` captures the float value (not an atom); `where(value) -> True | str` adds a check.
     """
 
     def __init__(self, value: float | None = None, *, name: str | None = None,
@@ -272,9 +282,9 @@ class Lit(Pattern):
 
 
 def _close(a, b, rtol, atol) -> bool:
-    if np.isnan(a) or np.isnan(b):
-        return bool(np.isnan(a) and np.isnan(b))
-    if np.isinf(a) or np.isinf(b):
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    if math.isinf(a) or math.isinf(b):
         return a == b
     return abs(a - b) <= atol + rtol * abs(b)
 
@@ -646,8 +656,9 @@ def _is_row_shaped(shape) -> bool:
 
 
 def _widening(eqn) -> bool:
-    from passes.canonicalize import _exactly_holds
-    return _exactly_holds(eqn.outvars[0].aval.dtype, eqn.invars[0].aval.dtype)
+    """A cast that keeps every value exactly (bfloat16 -> float32, not the reverse)."""
+    return bool(np.can_cast(np.dtype(eqn.invars[0].aval.dtype),
+                            np.dtype(eqn.outvars[0].aval.dtype), "safe"))
 
 
 class RowVector(Pattern):
@@ -683,8 +694,8 @@ class RowVector(Pattern):
                 if any(d != 1 and bd != last for d, bd in zip(op_shape, dims)):
                     return st.fail("{}: broadcast_in_dim {} -> {} maps a non-trailing axis",
                                    self.name, tuple(op_shape), tuple(eqn.outvars[0].aval.shape))
-                if not op_shape or not dims or dims[-1] != last:
-                    break  # broadcasts a scalar or a size-1 vector: the operand itself is the row
+                if not op_shape:
+                    break  # a broadcast scalar is no vector
                 src = eqn.invars[0]
             else:
                 break
@@ -833,16 +844,17 @@ class PatternRule(Rule):
         self.inputs, self.params, self.check = tuple(inputs), params, check
         self.outputs = None if outputs is None else tuple(outputs)
         self.maximal = maximal
-        self._memo_eqns, self._memo = None, {}
+        self._local = threading.local()  # the memo below, per thread
 
     def match(self, region, position):
         # Memoized per version of the region's equation list (`Region.set_eqns` replaces it):
         # the maximal-match check below asks again about positions the engine visits next.
-        if self._memo_eqns is not region.eqns:
-            self._memo_eqns, self._memo = region.eqns, {}
-        m = self._memo.get(position)
+        local = self._local
+        if getattr(local, "eqns", None) is not region.eqns:
+            local.eqns, local.memo = region.eqns, {}
+        m = local.memo.get(position)
         if m is None:
-            m = self._memo[position] = self._maximal_match(region, position)
+            m = local.memo[position] = self._maximal_match(region, position)
         return m
 
     def _maximal_match(self, region, position):
@@ -855,7 +867,7 @@ class PatternRule(Rule):
             if len(users) == 1 and users[0] != OUTPUT and \
                     region.eqns[users[0]].primitive in self.roots:
                 user = users[0]
-                known = self._memo.get(user)
+                known = self._local.memo.get(user)
                 if known is not None and self._takes(known, position):
                     return self._deferred(region, user)
         m = self._match(region, position)
@@ -924,15 +936,24 @@ def _aval_key(atom):
 def _canonical_trace(fn, avals):
     """`fn` traced on `avals` ((shape, dtype, weak_type) per argument) and canonicalized."""
     from passes import cleanup_passes
-    from passes.pipeline import Context, Pipeline
+    from passes.pipeline import Context
 
     structs = [jax.ShapeDtypeStruct(s, d, weak_type=w) for s, d, w in avals]
     closed = jax.make_jaxpr(fn)(*structs)
     if C.closed_consts(closed):
         raise ValueError(f"the example function {getattr(fn, '__name__', fn)} closes over "
                          f"arrays; pass them as arguments instead")
-    after, _ = Pipeline(cleanup_passes(), check=False).run(closed, Context())
-    return C.open_jaxpr(after)
+    # The clean-ups run directly, not as a Pipeline: a pipeline would apply the run's
+    # JAXPASSES_DISABLE list, which names passes this one does not have.
+    ctx, cleanups = Context(), cleanup_passes()
+    for _ in range(8):
+        changed = 0
+        for p in cleanups:
+            closed, n = p.run_program(closed, ctx)
+            changed += n
+        if not changed:
+            break
+    return C.open_jaxpr(closed)
 
 
 def _example_aval(x):

@@ -8,7 +8,8 @@ from jax import lax
 import passes
 from passes.ir import Region
 from passes.pattern import (Alt, Any, Cast, Example, Inverse, Keep, Lit, Op, Optional,
-                            PatternRule, Product, RowVector, Same, State, maybe_cast)
+                            PatternRule, Product, RowVector, Same, State, maybe_cast,
+                            row_values)
 
 
 def region_of(fn, *args, canonical=True):
@@ -151,6 +152,11 @@ def test_row_vector_does_not_take_other_broadcasts():
     r, _ = match_out(mul_row, lambda x, w: x * w[:, None], sq, W)
     assert not r and r.reason == "w: broadcast_in_dim (8,) -> (8, 1) maps a non-trailing axis"
     assert match_out(mul_row, lambda x, w: x * w[None, :], sq, W)[0]
+    # A size-1 vector broadcast everywhere is uniform, hence a row; a scalar is no vector.
+    ok, st = match_out(mul_row, lambda x, s: x * s, X, jnp.ones((1,)))
+    assert ok and st.bindings["w"].aval.shape == (1,)
+    np.testing.assert_array_equal(row_values(jnp.array([3.0]), 4), [3.0] * 4)
+    assert not match_out(mul_row, lambda x, s: x * s, X, jnp.float32(2))[0]
     # A narrowing cast ends the walk: the source is the rounded vector.
     ok, st = match_out(mul_row, lambda x, w: x * w.astype(jnp.bfloat16).astype(jnp.float32), X, W)
     assert ok and st.bindings["w"].aval.dtype == jnp.bfloat16
