@@ -138,6 +138,14 @@ def test_precision_and_preferred_type_decline_with_reason():
         "the matmul returns float32 from bfloat16 operands"]
 
 
+def test_float64_declines():
+    with jax.enable_x64(True):
+        report = explain(lambda x, w: jax.nn.relu(x @ w), X.astype(jnp.float64),
+                         W.astype(jnp.float64))
+    assert [d.reason for d in report.declined] == [
+        "the kernel accumulates in float32; this matmul runs in float64"]
+
+
 def test_pre_activation_used_elsewhere_declines():
     def fn(x, w, b):
         h = x @ w + b

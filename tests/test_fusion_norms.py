@@ -153,6 +153,18 @@ def test_statistic_used_elsewhere_declines():
     assert_equivalent(fn, passes.optimize(fn), x_of())
 
 
+def test_float64_declines():
+    def fn(x):
+        return (x - x.mean(-1, keepdims=True)) * lax.rsqrt(x.var(-1, keepdims=True) + 1e-5)
+
+    with jax.enable_x64(True):
+        report = passes.explain(fn, jnp.ones((2, D), jnp.float64),
+                                pipeline=passes.default_pipeline())
+    assert report.counts["layer_norm"] == 0
+    assert [d.reason for d in report.declined if d.pass_name == "layer_norm"] == [
+        "the kernel computes in float32; this norm runs in float64"]
+
+
 # -- RMSNorm -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

@@ -88,6 +88,8 @@ def _dot_problem(dot, b) -> str | None:
     x, w = eqn.invars
     if x.aval.dtype != w.aval.dtype:
         return f"the matmul mixes {x.aval.dtype} and {w.aval.dtype} operands"
+    if np.dtype(x.aval.dtype).itemsize > 4:
+        return f"the kernel accumulates in float32; this matmul runs in {x.aval.dtype}"
     precision = eqn.params.get("precision")
     if precision is not None and any(
             p not in (None, lax.Precision.DEFAULT)

@@ -97,6 +97,8 @@ def _check(b):
         v = b.get(name)
         if v is not None and v.aval.shape[-1] not in (1, d):
             return NoMatch("{} has {} entries for {} features", name, v.aval.shape[-1], d)
+    if np.dtype(x.aval.dtype).itemsize > 4:
+        return f"the kernel computes in float32; this norm runs in {x.aval.dtype}"
     cast = b.producer(x)
     if (cast is not None and cast.primitive is lax.convert_element_type_p
             and cast.invars[0].aval.dtype == out.aval.dtype and b.used_only_inside(x)):
