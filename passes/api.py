@@ -243,7 +243,7 @@ def _verify(program: _Program, call: _Call, outs):
         jax.tree.unflatten(program.out_tree["tree"], list(range(len(outs)))))[0]]
     for i, (got, want) in enumerate(zip(outs, ref)):
         got, want = np.asarray(got), np.asarray(want)
-        if not np.issubdtype(got.dtype, np.inexact):
+        if not jax.numpy.issubdtype(got.dtype, jax.numpy.inexact):
             bad = not np.array_equal(got, want)
             detail = "values differ"
         else:

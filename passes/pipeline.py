@@ -14,6 +14,8 @@ from passes.rewrite import Match, Rule, is_replacement, replacement_eqn
 DISABLE_ENV = "JAXPASSES_DISABLE"  # comma-separated pass names, off for the whole run
 SITES_ENV = "JAXPASSES_SITES"  # comma-separated site ids: rewrite only these
 CHECK_ENV = "JAXPASSES_CHECK"  # "1": check_jaxpr after every pass
+BUILTIN_PASS_NAMES = frozenset({"canonicalize", "cse", "dce", "attention", "layer_norm",
+                                "rms_norm", "dense_act", "softmax_cross_entropy"})
 
 
 class RewriteError(RuntimeError):
@@ -265,10 +267,17 @@ class Pipeline:
                  debug: bool = False):
         self.passes = list(passes)
         names = [p.name for p in self.passes]
-        for name in list(disable) + _env_list(DISABLE_ENV):
+        for name in disable:
             if name not in names:
                 raise ValueError(f"cannot disable unknown pass {name!r}; this pipeline has {names}")
-        self.disable = frozenset(disable) | frozenset(_env_list(DISABLE_ENV))
+        # The environment switch holds for a whole run, across pipelines that may lack some of
+        # the passes it names; only a name no pipeline could have is an error.
+        env = _env_list(DISABLE_ENV)
+        for name in env:
+            if name not in names and name not in BUILTIN_PASS_NAMES:
+                raise ValueError(f"{DISABLE_ENV} names unknown pass {name!r}; known passes: "
+                                 f"{sorted(set(names) | BUILTIN_PASS_NAMES)}")
+        self.disable = frozenset(disable) | frozenset(env)
         self.max_iterations = max_iterations
         self.check = (os.environ.get(CHECK_ENV) == "1") if check is None else check
         self.dump_dir = None if dump_dir is None else pathlib.Path(dump_dir)

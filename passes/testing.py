@@ -86,7 +86,7 @@ def _compare(name, got, want, ref, rtol, atol, compute_dtypes=()):
         g, w = np.asarray(g), np.asarray(w)
         if g.shape != w.shape or g.dtype != w.dtype:
             raise AssertionError(f"{name}[{i}]: {g.dtype}{list(g.shape)} vs {w.dtype}{list(w.shape)}")
-        if not np.issubdtype(w.dtype, np.inexact):
+        if not jnp.issubdtype(w.dtype, jnp.inexact):
             np.testing.assert_array_equal(g, w, err_msg=f"{name}[{i}]")
             continue
         rt, at = _loosest({np.dtype(w.dtype), *compute_dtypes})

@@ -349,9 +349,14 @@ def test_disable_by_env_and_site_selection(monkeypatch):
     assert only.skipped == ["exp/0", "exp/2"]
     monkeypatch.setenv("JAXPASSES_DISABLE", "exp")
     assert passes.explain(f, X, pipeline=pipeline()).counts["exp"] == 0
+    monkeypatch.setenv("JAXPASSES_DISABLE", "exp,attention")  # attention: not in this pipeline
+    assert passes.explain(f, X, pipeline=pipeline()).counts["exp"] == 0
     monkeypatch.setenv("JAXPASSES_DISABLE", "nope")
     with pytest.raises(ValueError, match="unknown pass 'nope'"):
         pipeline()
+    monkeypatch.delenv("JAXPASSES_DISABLE")
+    with pytest.raises(ValueError, match="cannot disable unknown pass 'attention'"):
+        pipeline(disable=["attention"])
 
 
 def test_verify_reports_wrong_rewrite():
@@ -412,3 +417,14 @@ def test_replacement_keeps_name_stack_and_checkpoint_names():
         else [e for e in closed.eqns if e.primitive.name == "jit"]
     assert "block" in str(rep.source_info.name_stack)
     assert "act" in str(after)
+
+
+def test_bf16_results_compared_with_tolerance_not_equality():
+    from passes.testing import assert_equivalent
+    x = jnp.asarray(rng(5).standard_normal(64), jnp.bfloat16)
+    f = lambda v: v * v * v
+    g = lambda v: (v.astype(jnp.float32) ** 3).astype(jnp.bfloat16)  # rounds once, not twice
+    assert not np.array_equal(np.asarray(f(x), np.float32), np.asarray(g(x), np.float32))
+    assert_equivalent(f, g, x)
+    with pytest.raises(AssertionError, match="too far"):
+        assert_equivalent(f, lambda v: f(v) * 1.1, x)
