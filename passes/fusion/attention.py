@@ -245,7 +245,9 @@ class _Matcher:
             if found:
                 return found
             last = found
-        return last or NoMatch("the softmax input is not computed from a dot_general")
+        if last is None:
+            return NoMatch("the softmax input is not computed from a dot_general")
+        return last
 
     # -- the logits dot_general and the chain up to the softmax ------------------------------
     def _try_chain(self, chain):
@@ -1042,7 +1044,8 @@ def _softmax_body(region, var, literal):
     return x, axis, positions
 
 
-_KEEPDIMS_PASS = (lax.broadcast_in_dim_p, lax.reshape_p, lax.stop_gradient_p, lax.transpose_p)
+_KEEPDIMS_PASS = (lax.broadcast_in_dim_p, lax.reshape_p, lax.stop_gradient_p, lax.transpose_p,
+                  lax.convert_element_type_p)
 
 
 def keepdims_reduction(region, var, reduce_prim, operand, literal, axis=None):
@@ -1076,6 +1079,10 @@ def keepdims_reduction(region, var, reduce_prim, operand, literal, axis=None):
         positions.add(pos)
         var = eqn.invars[0]
     reduced = eqn.invars[0]
+    widened = region.producer_eqn(reduced)
+    if (widened is not None and widened.primitive is lax.convert_element_type_p
+            and reduced is not operand):  # bf16 sums accumulate in float32
+        reduced = widened.invars[0]
     axes = tuple(int(d) for d in eqn.params["axes"])
     if len(axes) != 1:
         return NoMatch("reduces axes {}, not one", axes)

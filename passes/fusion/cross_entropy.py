@@ -58,7 +58,8 @@ class CrossEntropyPlan:
 
     form: "logsumexp" (lse - picked), "log_softmax" (-picked log-probability), "one_hot"
       (-sum(onehot * log_softmax)), "logsumexp_one_hot" (lse - sum(onehot * x)).
-    labels: "fill" (gather mode fill: out of range is NaN), "clip" (clamped), "one_hot".
+    labels: "fill" (gather mode fill: out of range is NaN), "clip" (clamped), "promise"
+      (clamped value, softmax-only gradient, as XLA runs promise_in_bounds), "one_hot".
     label_shape: "flat" (the label input holds exactly the batch's labels) or "kept" (it has a
       unit class axis at `axis` and may broadcast over the batch).
     """
@@ -223,8 +224,10 @@ def _picked(region, var, x, axis):
 
 
 def _label_mode(gather_eqn):
-    mode = str(gather_eqn.params.get("mode"))
-    return "fill" if "FILL" in mode.upper() else "clip"
+    """"fill" (NaN out of range), "clip" (clamped both ways) or "promise" (XLA: clamped gather,
+    dropped scatter in the gradient)."""
+    mode = str(gather_eqn.params.get("mode")).upper()
+    return "fill" if "FILL" in mode else "clip" if "CLIP" in mode else "promise"
 
 
 def _takes_index_zero(region, eqn, axis):
@@ -362,9 +365,10 @@ def _keep_root(region, var, full, axis):
 
 
 def _sum_exp(region, var, axis=None):
-    """`var` = [abs](sum(exp(d), axis)) with d = x - m: (d, axis) or NoMatch."""
+    """`var` = sum(exp(d), axis), maybe through abs and float casts (bf16 sums accumulate in
+    float32): (d, axis) or NoMatch."""
     eqn = region.producer_eqn(var)
-    if eqn is not None and eqn.primitive is lax.abs_p:
+    while eqn is not None and eqn.primitive in (lax.abs_p, lax.convert_element_type_p):
         eqn = region.producer_eqn(eqn.invars[0])
     if eqn is None or eqn.primitive is not lax.reduce_sum_p:
         return NoMatch("not a sum")
@@ -372,6 +376,8 @@ def _sum_exp(region, var, axis=None):
     if len(axes) != 1 or (axis is not None and axes[0] != axis):
         return NoMatch("sums axes {}", axes)
     e = region.producer_eqn(eqn.invars[0])
+    if e is not None and e.primitive is lax.convert_element_type_p:
+        e = region.producer_eqn(e.invars[0])
     if e is None or e.primitive is not lax.exp_p:
         return NoMatch("not a sum of exp")
     return e.invars[0], axes[0]
@@ -448,7 +454,8 @@ def _log_sum_exp_of(region, r):
     var = r
     while True:  # find the reduction's axis first
         eqn = region.producer_eqn(var)
-        if eqn is None or eqn.primitive not in _KEEP + (lax.log_p, lax.abs_p):
+        if eqn is None or eqn.primitive not in _KEEP + (lax.log_p, lax.abs_p,
+                                                         lax.convert_element_type_p):
             break
         var = eqn.invars[0]
     if eqn is None or eqn.primitive is not lax.reduce_sum_p or len(eqn.params["axes"]) != 1:
@@ -460,10 +467,11 @@ def _log_sum_exp_of(region, r):
     if log is None or log.primitive is not lax.log_p:
         return None
     inner = log.invars[0]
-    for _ in range(2):  # |sum| (JAX's logsumexp) before or after the keepdims re-shape
+    for _ in range(2):  # |sum| (JAX's logsumexp) and casts before or after the keepdims
         e = region.producer_eqn(inner)
-        if e is not None and e.primitive is lax.abs_p:
+        while e is not None and e.primitive in (lax.abs_p, lax.convert_element_type_p):
             inner = e.invars[0]
+            e = region.producer_eqn(inner)
         inner = _keep_root(region, inner, full, axis)
         if inner is None:
             return None
@@ -554,8 +562,8 @@ def _cross_entropy_replacement(*args, plan: CrossEntropyPlan, implementation=Non
             return kernel("softmax_cross_entropy", "cross_entropy")(
                 logits, lab, implementation=impl)
 
-        def first_logit():
-            return logits[..., 0]
+        def logit_at(lab):
+            return jnp.take_along_axis(logits, lab[..., None], axis=-1)[..., 0]
     else:
         h, w = args[0], args[1]
         h = jnp.moveaxis(h, plan.x_axis, -1)
@@ -564,14 +572,22 @@ def _cross_entropy_replacement(*args, plan: CrossEntropyPlan, implementation=Non
             return kernel("linear_cross_entropy", "cross_entropy")(
                 h, w, lab, w_layout=plan.w_layout, implementation=impl)
 
-        def first_logit():
-            column = w[:, 0] if plan.w_layout == "dv" else w[0]
-            return jnp.dot(h, column, preferred_element_type=jnp.float32)
+        def logit_at(lab):
+            rows = jnp.take(w, lab, axis=0) if plan.w_layout == "vd" else jnp.moveaxis(
+                jnp.take(w, lab, axis=1), 0, -1)
+            return jnp.sum(h.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)
 
     valid = (labels >= 0) & (labels < vocab)
     safe = jnp.where(valid, labels, 0)
     if plan.labels == "clip":
         loss = loss_of(jnp.clip(labels, 0, vocab - 1))
+    elif plan.labels == "promise":
+        # XLA clamps the gather and drops the out-of-range update of its transpose: the clamped
+        # label's loss, with the softmax alone as the gradient
+        clamped = jnp.clip(labels, 0, vocab - 1)
+        loss = loss_of(clamped)
+        picked = logit_at(clamped)
+        loss = loss + jnp.where(valid, 0, picked - lax.stop_gradient(picked)).astype(loss.dtype)
     elif plan.form == "logsumexp":
         # the kernel's own out-of-range behaviour is take_along_axis's: NaN, softmax gradient
         loss = loss_of(jnp.where(valid, labels, vocab))
@@ -581,6 +597,5 @@ def _cross_entropy_replacement(*args, plan: CrossEntropyPlan, implementation=Non
         loss = jnp.where(valid, loss_of(safe), 0)
     else:  # logsumexp - sum(onehot * x): an all-zero row leaves logsumexp(x)
         loss = loss_of(safe)
-        loss = loss + jnp.where(valid, 0, first_logit()).astype(loss.dtype)
+        loss = loss + jnp.where(valid, 0, logit_at(safe)).astype(loss.dtype)
     return loss.astype(plan.out_dtype)
-

@@ -1,0 +1,233 @@
+"""The `softmax_cross_entropy` pass: spellings, label semantics, the fused matmul, kernels."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import models
+import passes
+from passes import Pipeline, cleanup_passes
+from passes.fusion.cross_entropy import cross_entropy_pass
+from passes.testing import assert_equivalent
+
+PIPELINE = Pipeline(cleanup_passes() + [cross_entropy_pass()])
+N, T, V, DM = 3, 4, 16, 8
+
+
+def _logits(seed, shape=(N, T, V)):
+    return 2.0 * jax.random.normal(jax.random.key(seed), shape)
+
+
+def _labels(seed, out_of_range=False):
+    labels = jax.random.randint(jax.random.key(seed + 100), (N, T), 0, V)
+    if out_of_range:  # >= vocab, in [-vocab, 0) (counts from the end), and below -vocab
+        labels = labels.at[0, 0].set(V).at[0, 1].set(-1).at[1, 2].set(-V - 1).at[2, 3].set(V + 5)
+    return labels
+
+
+def _rules(fn, *args, pipeline=PIPELINE):
+    report = passes.explain(fn, *args, pipeline=pipeline)
+    return report, [r.rule for r in report.rewrites if r.pass_name == "softmax_cross_entropy"]
+
+
+def _rewritten(fn, *args, rule="softmax_cross_entropy", **tol):
+    report, rules = _rules(fn, *args)
+    assert report.counts["softmax_cross_entropy"] == 1, (report.declined, report.jaxpr_after)
+    assert rules == [rule]
+    assert_equivalent(fn, passes.optimize(fn, PIPELINE), *args, **tol)
+
+
+SPELLINGS = {
+    "optax_integer_labels": optax.softmax_cross_entropy_with_integer_labels,
+    "optax_one_hot": lambda x, l: optax.softmax_cross_entropy(x, jax.nn.one_hot(l, V)),
+    "log_softmax_take_along_axis": lambda x, l: -jnp.take_along_axis(
+        jax.nn.log_softmax(x), l[..., None], axis=-1)[..., 0],
+    "logsumexp_minus_one_hot": lambda x, l: (
+        jax.nn.logsumexp(x, -1) - jnp.sum(jax.nn.one_hot(l, V) * x, -1)),
+    "x_minus_logsumexp_keepdims": lambda x, l: -jnp.take_along_axis(
+        x - jax.nn.logsumexp(x, -1, keepdims=True), l[..., None], axis=-1)[..., 0],
+    # jit: an eager float64 reference would reject out-of-range indices before tracing
+    "logsumexp_minus_indexing": jax.jit(lambda x, l: jax.nn.logsumexp(x, -1) - x[
+        jnp.arange(N)[:, None], jnp.arange(T)[None], l]),
+    "hand_written_logsumexp": lambda x, l: (
+        jnp.log(jnp.sum(jnp.exp(x - x.max(-1, keepdims=True)), -1)) + x.max(-1)
+        - jnp.take_along_axis(x, l[..., None], axis=-1)[..., 0]),
+}
+
+
+@pytest.mark.parametrize("out_of_range", [False, True], ids=["labels", "out_of_range_labels"])
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_spelling_rewritten_with_same_values_and_gradients(name, out_of_range):
+    _rewritten(SPELLINGS[name], _logits(len(name)), _labels(len(name), out_of_range))
+
+
+def test_out_of_range_labels_keep_the_originals_special_values():
+    x, labels = _logits(1), _labels(1, out_of_range=True)
+    for name, want_nan in (("optax_integer_labels", True), ("log_softmax_take_along_axis", True),
+                           ("optax_one_hot", False)):
+        loss = passes.optimize(SPELLINGS[name], PIPELINE)(x, labels)
+        assert bool(jnp.isnan(loss[0, 0])) == want_nan and bool(jnp.isnan(loss[2, 3])) == want_nan
+        assert not bool(jnp.isnan(loss[0, 1]))  # -1 counts from the end (or is one-hot zero)
+
+
+def test_class_axis_not_last():
+    fn = lambda x, l: optax.softmax_cross_entropy_with_integer_labels(x, l, axis=1)  # noqa: E731
+    _rewritten(fn, jnp.swapaxes(_logits(2), 1, 2), _labels(2))
+
+
+def test_bfloat16_logits():
+    def fn(x, l):  # float32 out: passes.testing compares bfloat16 outputs exactly
+        return optax.softmax_cross_entropy_with_integer_labels(
+            x.astype(jnp.bfloat16), l).astype(jnp.float32)
+
+    _rewritten(fn, _logits(3), _labels(3), rtol=2e-2, atol=1e-2)
+
+
+# -- the fused matmul ---------------------------------------------------------------------------
+
+def _hidden(seed):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(k1, (N, T, DM)), jax.random.normal(k2, (DM, V)) * 0.5
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("out_of_range", [False, True], ids=["labels", "out_of_range_labels"])
+def test_matmul_and_loss_fused(layout, out_of_range):
+    h, w = _hidden(4)
+    if layout == "vd":  # a tied embedding table: logits = h @ wte.T
+        def fn(h, wte, l):
+            return optax.softmax_cross_entropy_with_integer_labels(h @ wte.T, l)
+        w = w.T
+    else:
+        def fn(h, w, l):
+            return optax.softmax_cross_entropy_with_integer_labels(h @ w, l)
+    _rewritten(fn, h, w, _labels(4, out_of_range), rule="linear_cross_entropy")
+
+
+def test_fused_one_hot_logsumexp_form_with_out_of_range_labels():
+    def fn(h, w, l):
+        x = h @ w
+        return jax.nn.logsumexp(x, -1) - jnp.sum(jax.nn.one_hot(l, V) * x, -1)
+
+    _rewritten(fn, *_hidden(5), _labels(5, out_of_range=True), rule="linear_cross_entropy")
+
+
+def test_bf16_matmul_with_float32_loss_fused():
+    def fn(h, w, l):
+        logits = h.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), l).mean()
+
+    _rewritten(fn, *_hidden(6), _labels(6), rule="linear_cross_entropy", rtol=2e-2, atol=1e-2)
+
+
+def test_logits_used_elsewhere_are_not_fused():
+    def fn(h, w, l):
+        x = h @ w
+        return optax.softmax_cross_entropy_with_integer_labels(x, l), x.sum()
+
+    _rewritten(fn, *_hidden(7), _labels(7), rule="softmax_cross_entropy")
+
+
+def test_matmul_precision_the_kernel_cannot_honour_is_not_fused():
+    def fn(h, w, l):
+        x = jnp.matmul(h, w, precision=jax.lax.Precision.HIGHEST)
+        return optax.softmax_cross_entropy_with_integer_labels(x, l)
+
+    _rewritten(fn, *_hidden(8), _labels(8), rule="softmax_cross_entropy")
+
+
+# -- not matched --------------------------------------------------------------------------------
+
+def test_soft_labels_declined():
+    x = _logits(9)
+    fn = optax.softmax_cross_entropy
+    report = passes.explain(fn, x, jax.nn.softmax(0.3 * x), pipeline=PIPELINE)
+    assert report.counts["softmax_cross_entropy"] == 0
+    assert report.declined and all("soft labels" in d.reason for d in report.declined)
+
+
+@pytest.mark.parametrize("fn", [
+    # log_softmax over one axis, the label picked along another
+    lambda x, l: -jnp.take_along_axis(jax.nn.log_softmax(x, axis=1), l[..., None], axis=-1)[..., 0],
+    # a shift that varies along the class axis is not a logsumexp
+    lambda x, l: (jnp.log(jnp.sum(jnp.exp(x - x), -1)) + x.max(-1)
+                  - jnp.take_along_axis(x, l[..., None], axis=-1)[..., 0]),
+    # logsumexp of one array minus the logit of another
+    lambda x, l: jax.nn.logsumexp(x, -1) - jnp.take_along_axis(
+        2 * x, l[..., None], axis=-1)[..., 0],
+], ids=["wrong_axis", "varying_shift", "other_array"])
+def test_look_alikes_not_matched(fn):
+    x = _logits(10, shape=(N, V, V))
+    labels = jax.random.randint(jax.random.key(0), (N, V), 0, V)
+    report = passes.explain(fn, x, labels, pipeline=PIPELINE)
+    assert report.counts["softmax_cross_entropy"] == 0 and not report.declined
+
+
+def test_intermediate_used_elsewhere_declined():
+    def fn(x, l):
+        ls = jax.nn.log_softmax(x)
+        return -jnp.take_along_axis(ls, l[..., None], axis=-1)[..., 0], ls.sum()
+
+    report = passes.explain(fn, _logits(11), _labels(11), pipeline=PIPELINE)
+    assert report.counts["softmax_cross_entropy"] == 0
+    assert any("used outside the match" in d.reason for d in report.declined)
+
+
+# -- kernels and models -------------------------------------------------------------------------
+
+def _count_pallas(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "pallas_call"
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _count_pallas(inner)
+    return n
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["softmax_ce", "linear_ce"])
+def test_pallas_kernels_in_the_program_and_its_gradient(fused):
+    import pallas_kernels
+
+    h, w = _hidden(12)
+    labels = _labels(12)
+    if fused:
+        def fn(h, w, l):
+            return optax.softmax_cross_entropy_with_integer_labels(h @ w, l).mean()
+
+        def direct(h, w, l):
+            return pallas_kernels.linear_cross_entropy(h, w, l, implementation="pallas").mean()
+    else:
+        def fn(h, w, l):
+            return optax.softmax_cross_entropy_with_integer_labels(jnp.tanh(h @ w), l).mean()
+
+        def direct(h, w, l):
+            return pallas_kernels.softmax_cross_entropy(jnp.tanh(h @ w), l,
+                                                        implementation="pallas").mean()
+    optimized = passes.optimize(fn, passes.default_pipeline(implementation="pallas"))
+    forward = _count_pallas(jax.make_jaxpr(direct)(h, w, labels).jaxpr)
+    backward = _count_pallas(jax.make_jaxpr(jax.grad(direct, (0, 1)))(h, w, labels).jaxpr)
+    assert _count_pallas(jax.make_jaxpr(optimized)(h, w, labels).jaxpr) == forward >= 1
+    assert _count_pallas(jax.make_jaxpr(jax.grad(optimized, (0, 1)))(
+        h, w, labels).jaxpr) == backward > forward
+    assert_equivalent(fn, optimized, h, w, labels)
+
+
+@pytest.mark.parametrize("name,rule", [("gpt2-tiny", "linear_cross_entropy"),
+                                       ("llama-tiny", "linear_cross_entropy"),
+                                       ("vit-tiny", "softmax_cross_entropy")])
+def test_model_zoo_counts(name, rule):
+    spec = models.get(name, seq_len=16) if "vit" not in name else models.get(name)
+    params = spec.init(jax.random.key(0))
+    batch = spec.batch(jax.random.key(1), 2)
+    report, rules = _rules(spec.loss, params, batch, pipeline=passes.default_pipeline())
+    assert report.counts["softmax_cross_entropy"] == 1 and rules == [rule]
+    got = passes.optimize(spec.loss, passes.default_pipeline())(params, batch)
+    assert math.isclose(float(got), float(spec.loss(params, batch)), rel_tol=1e-5)
+    assert np.isfinite(float(got))
