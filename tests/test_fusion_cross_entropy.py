@@ -1,9 +1,6 @@
 """The `softmax_cross_entropy` pass: spellings, label semantics, the fused matmul, kernels."""
-import math
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
@@ -223,11 +220,10 @@ def test_pallas_kernels_in_the_program_and_its_gradient(fused):
                                        ("llama-tiny", "linear_cross_entropy"),
                                        ("vit-tiny", "softmax_cross_entropy")])
 def test_model_zoo_counts(name, rule):
+    """Language models get the fused head (tied in GPT-2); ViT's head has a bias, so not fused.
+    (tests/test_fusion_attention.py checks the optimized GPT-2 and Llama losses' values.)"""
     spec = models.get(name, seq_len=16) if "vit" not in name else models.get(name)
-    params = spec.init(jax.random.key(0))
-    batch = spec.batch(jax.random.key(1), 2)
+    params = jax.eval_shape(spec.init, jax.random.key(0))
+    batch = jax.eval_shape(lambda key: spec.batch(key, 2), jax.random.key(1))
     report, rules = _rules(spec.loss, params, batch, pipeline=passes.default_pipeline())
     assert report.counts["softmax_cross_entropy"] == 1 and rules == [rule]
-    got = passes.optimize(spec.loss, passes.default_pipeline())(params, batch)
-    assert math.isclose(float(got), float(spec.loss(params, batch)), rel_tol=1e-5)
-    assert np.isfinite(float(got))

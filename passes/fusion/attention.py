@@ -53,7 +53,7 @@ from passes.rewrite import FunctionRule, Match, NoMatch
 MASK_FILL_THRESHOLD = -1e4
 
 # Largest constant mask evaluated at rewrite time (elements); larger ones stay data masks.
-_MAX_CONSTANT_ELEMENTS = 1 << 25
+_MAX_CONSTANT_ELEMENTS = 1 << 27
 _MAX_CONSTANT_EQNS = 256
 
 _RANDOM_PRIMITIVES = frozenset({"random_bits", "random_wrap", "random_seed", "random_unwrap",
@@ -303,11 +303,11 @@ class _Matcher:
             state.step(pos, operand)
         if state.roles[sm.axis] != "s":
             return NoMatch("softmax axis {} is not the key axis of the logits", sm.axis)
-        return self._finish(dot_pos, q, k, q_roles, k_roles, a_roles, t_roles, sizes, state,
+        return self._finish(q, k, q_roles, k_roles, a_roles, t_roles, sizes, state,
                             chain)
 
     # -- the value product, q/k/v inputs, masks and the plan -----------------------------------
-    def _finish(self, dot_pos, q, k, q_roles, k_roles, a_roles, t_roles, sizes, state, chain):
+    def _finish(self, q, k, q_roles, k_roles, a_roles, t_roles, sizes, state, chain):
         region, root, probs = self.region, self.root, self.probs
         p_roles = [state.roles[probs.perm[i]] for i in range(len(probs.perm))]
         v = root.invars[1 - self.p_side]
@@ -846,7 +846,7 @@ def precision_problem(eqn) -> str | None:
     """Why the kernels cannot honour this dot_general's precision settings (None if they can)."""
     in_dtype = jnp.dtype(eqn.invars[0].aval.dtype)
     pet = eqn.params.get("preferred_element_type")
-    if pet is not None and jnp.dtype(pet) not in (in_dtype, jnp.dtype(jnp.float32)):
+    if pet is not None and (not jnp.issubdtype(pet, jnp.floating) or jnp.dtype(pet).itemsize > 4):
         return (f"preferred_element_type={jnp.dtype(pet).name} on {in_dtype.name} operands; the "
                 f"kernel accumulates in float32")
     wide = in_dtype.itemsize >= 4
@@ -1079,10 +1079,11 @@ def keepdims_reduction(region, var, reduce_prim, operand, literal, axis=None):
         positions.add(pos)
         var = eqn.invars[0]
     reduced = eqn.invars[0]
-    widened = region.producer_eqn(reduced)
-    if (widened is not None and widened.primitive is lax.convert_element_type_p
+    widened = region.producer(reduced)
+    if (widened is not None and region.eqns[widened].primitive is lax.convert_element_type_p
             and reduced is not operand):  # bf16 sums accumulate in float32
-        reduced = widened.invars[0]
+        positions.add(widened)
+        reduced = region.eqns[widened].invars[0]
     axes = tuple(int(d) for d in eqn.params["axes"])
     if len(axes) != 1:
         return NoMatch("reduces axes {}, not one", axes)
