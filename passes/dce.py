@@ -28,8 +28,7 @@ class DeadCodeElimination(Pass):
         removed = count_eqns(body) - count_eqns(new)
         if removed <= 0:
             return jaxpr, 0
-        new = new.replace(invars=body.invars, constvars=body.constvars)
-        if C.CLOSED_IS_JAXPR:
-            new = new.replace(consts=C.closed_consts(jaxpr)) if C.closed_consts(jaxpr) else new
+        new = new.replace(invars=body.invars)  # the program's signature stays
+        if C.CLOSED_IS_JAXPR:  # consts travel with their constvars
             return new, removed
-        return C.ClosedJaxpr(new, jaxpr.consts), removed
+        return C.ClosedJaxpr(new.replace(constvars=body.constvars), jaxpr.consts), removed

@@ -61,6 +61,7 @@ class Context:
         self.counts: dict[str, int] = {}
         self._site_counter: dict[str, int] = {}
         self._sites_by_eqn: dict = {}
+        self._declined_keys: set = set()
 
     def site_for(self, pass_name: str, root_eqn) -> str:
         """A site id for a match rooted at `root_eqn`, stable across fixpoint rounds."""
@@ -83,6 +84,10 @@ class Context:
         self.counts[pass_name] = self.counts.get(pass_name, 0) + 1
 
     def decline(self, pass_name, rule, site, eqn, reason):
+        key = (pass_name, site, reason)
+        if key in self._declined_keys:  # the same match seen again in a later fixpoint round
+            return
+        self._declined_keys.add(key)
         self.declined.append(Declined(pass_name, rule, site, location(eqn), module_path(eqn), reason))
 
 

@@ -132,3 +132,15 @@ def test_cleanups_reach_a_fixpoint_quickly():
     closed, report = after(f, X)
     assert report.total_pass_time < 1.0
     assert_equivalent(f, passes.optimize(f, CLEAN), X)
+
+
+def test_dce_with_closed_over_constants():
+    c = jnp.arange(6.0)
+
+    def f(x):
+        dead = jnp.sin(x) * c
+        return x * c + 1
+
+    closed, _ = after(f, X)
+    assert "sin" not in prims(closed)
+    np.testing.assert_allclose(passes.optimize(f, CLEAN)(X), f(X))
