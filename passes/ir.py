@@ -37,6 +37,9 @@ class Region:
         self._producers = None
         self._users = None
         self._by_primitive = None
+        # Analyses passes derive from the equations (e.g. constant values), kept until the
+        # region is edited.
+        self.cache: dict = {}
 
     # -- indexes -------------------------------------------------------------------------------
     def _index(self):
@@ -78,6 +81,7 @@ class Region:
     def set_eqns(self, eqns):
         self.eqns = list(eqns)
         self._producers = self._users = self._by_primitive = None
+        self.cache = {}
 
     def topological_order(self) -> list[int]:
         """A stable topological order of the equations (program order wherever it is valid)."""

@@ -933,14 +933,22 @@ def trace_broadcast(region, atom, roles, sizes, peel_casts=False):
     return atom, tuple(cur)
 
 
-def constant_value(region, atom, _memo=None):
-    """The value of `atom` if it is computable from literals, iotas and known constants."""
-    memo = {} if _memo is None else _memo
-    try:
-        with jax.ensure_compile_time_eval():
-            return _constant(region, atom, memo, [0])
-    except _NotConstant:
-        return None
+def constant_value(region, atom):
+    """The value of `atom` if it is computable from literals, iotas and known constants.
+
+    Values (and the verdict "not constant") are cached on the region: after CSE every layer's
+    mask is the same variable, so a deep model evaluates its mask once.
+    """
+    if isinstance(atom, C.Literal):
+        return np.asarray(atom.val, dtype=atom.aval.dtype)
+    memo = region.cache.setdefault("constant_value", {})
+    if atom not in memo:
+        try:
+            with jax.ensure_compile_time_eval():
+                _constant(region, atom, memo, [0])
+        except _NotConstant:
+            memo[atom] = None
+    return memo[atom]
 
 
 class _NotConstant(Exception):
@@ -951,6 +959,8 @@ def _constant(region, atom, memo, count):
     if isinstance(atom, C.Literal):
         return np.asarray(atom.val, dtype=atom.aval.dtype)
     if atom in memo:
+        if memo[atom] is None:
+            raise _NotConstant
         return memo[atom]
     pos = region.producer(atom)
     if pos is None:
