@@ -24,8 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import config as config_lib
-from models import data
-from models.spec import ModelSpec, NNXFunctions, mean_cross_entropy
+from models.spec import ModelSpec, nnx_language_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,16 +143,5 @@ class GPT2(nnx.Module):
 
 
 def build(name: str, c: GPT2Config) -> ModelSpec:
-    fns = NNXFunctions(lambda rngs: GPT2(c, rngs=rngs))
-
-    def apply(params, batch):
-        data.check_tokens(batch["inputs"], c.seq_len)
-        return fns.merge(params)(batch["inputs"])
-
-    def loss(params, batch):
-        return mean_cross_entropy(apply(params, batch), batch["targets"])
-
-    return ModelSpec(
-        name=name, config=c, init=fns.init, apply=apply, loss=loss,
-        batch=functools.partial(data.token_batch, seq_len=c.seq_len, vocab_size=c.vocab_size),
-        flops_per_example=flops_per_example(c), idioms=idioms(c))
+    return nnx_language_model(name, c, lambda rngs: GPT2(c, rngs=rngs), flops_per_example(c),
+                              idioms(c))

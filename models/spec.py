@@ -113,3 +113,25 @@ class NNXFunctions:
             raise KeyError(f"params lack the collection(s) {missing}; expected the dict that "
                            f"init returns, with keys {list(self.collections)}")
         return nnx.merge(self.graphdef, *(params[c] for c in self.collections))
+
+
+def nnx_language_model(name: str, c, make_model: Callable, flops_per_example: float,
+                       idioms: Mapping[str, int]) -> ModelSpec:
+    """The spec of an NNX language model mapping `batch["inputs"]` tokens to logits; the loss is
+    the mean next-token cross-entropy against `batch["targets"]`."""
+    from models import data
+
+    fns = NNXFunctions(make_model)
+
+    def apply(params, batch):
+        data.check_tokens(batch["inputs"], c.seq_len)
+        return fns.merge(params)(batch["inputs"])
+
+    def loss(params, batch):
+        return mean_cross_entropy(apply(params, batch), batch["targets"])
+
+    return ModelSpec(
+        name=name, config=c, init=fns.init, apply=apply, loss=loss,
+        batch=functools.partial(data.token_batch, seq_len=c.seq_len, vocab_size=c.vocab_size),
+        flops_per_example=flops_per_example, idioms=idioms)
+

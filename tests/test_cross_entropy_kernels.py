@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jex_core
+from kernel_checks import forbidden_outside_pallas
 
 from pallas_kernels import _pallas_compat, linear_cross_entropy, softmax_cross_entropy
 from pallas_kernels.cross_entropy import (CrossEntropyConfig, LinearCrossEntropyConfig,
@@ -73,23 +73,6 @@ def random_labels(rng, shape, vocab):
     if flat.size >= 6:
         flat[[1, 4, 5]] = [vocab, -vocab - 1, vocab + 7]
     return jnp.asarray(labels, jnp.int32)
-
-
-def forbidden_outside_pallas(jaxpr, forbidden) -> list[str]:
-    """`forbidden` primitives anywhere in `jaxpr` (nested too) except inside pallas_call."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            continue
-        if eqn.primitive.name in forbidden:
-            found.append(eqn.primitive.name)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jex_core.ClosedJaxpr):
-                    found += forbidden_outside_pallas(sub.jaxpr, forbidden)
-                elif isinstance(sub, jex_core.Jaxpr):
-                    found += forbidden_outside_pallas(sub, forbidden)
-    return found
 
 
 FORBIDDEN = {"dot_general", "exp", "log", "tanh", "erf", "logistic", "reduce_max"}

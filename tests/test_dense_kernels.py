@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jex_core
+from kernel_checks import forbidden_outside_pallas
 
 from pallas_kernels import _pallas_compat, dense_act, gated_dense
 from pallas_kernels.dense_act import (ACTIVATIONS, DenseConfig, dense_act_op, dense_act_pallas,
@@ -57,23 +57,6 @@ def random_arrays(seed, shapes, dtype):
     return [None if s is None else
             jnp.asarray(rng.standard_normal(s) / (np.sqrt(s[0]) if len(s) == 2 else 1.0), dtype)
             for s in shapes]
-
-
-def forbidden_outside_pallas(jaxpr, forbidden) -> list[str]:
-    """`forbidden` primitives anywhere in `jaxpr` (nested too) except inside pallas_call."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            continue
-        if eqn.primitive.name in forbidden:
-            found.append(eqn.primitive.name)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jex_core.ClosedJaxpr):
-                    found += forbidden_outside_pallas(sub.jaxpr, forbidden)
-                elif isinstance(sub, jex_core.Jaxpr):
-                    found += forbidden_outside_pallas(sub, forbidden)
-    return found
 
 
 FORBIDDEN = {"dot_general", "exp", "log", "tanh", "erf", "logistic", "max", "select_n"}

@@ -1,6 +1,4 @@
 """The rewrite engine: nested bodies, effects, transformations, caching, errors, switches."""
-import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,7 @@ from jax import lax
 import passes
 from passes import Match, NoMatch, Pipeline, RulePass
 from passes.rewrite import FunctionRule
-from passes.testing import assert_equivalent, count_primitive
+from passes.testing import assert_equivalent
 
 
 # -- a rule under test: exp(x) -> a custom_vjp exp, as a kernel replacement would be ------------

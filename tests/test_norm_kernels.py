@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jex_core
+from kernel_checks import forbidden_outside_pallas
 
 from pallas_kernels import _pallas_compat, layer_norm, rms_norm
 from pallas_kernels.layer_norm import (NormConfig, layer_norm_op, layer_norm_pallas,
@@ -58,23 +58,6 @@ def random_case(seed, shape, dtype, param_dtype, n_params):
     params = [jnp.asarray(rng.standard_normal(shape[-1]), param_dtype) for _ in range(n_params)]
     ct = jnp.asarray(rng.standard_normal(shape), dtype)
     return x, params, ct
-
-
-def forbidden_outside_pallas(jaxpr, forbidden) -> list[str]:
-    """`forbidden` primitives anywhere in `jaxpr` (nested too) except inside pallas_call."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            continue
-        if eqn.primitive.name in forbidden:
-            found.append(eqn.primitive.name)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jex_core.ClosedJaxpr):
-                    found += forbidden_outside_pallas(sub.jaxpr, forbidden)
-                elif isinstance(sub, jex_core.Jaxpr):
-                    found += forbidden_outside_pallas(sub, forbidden)
-    return found
 
 
 def count_pallas_calls(jaxpr) -> int:
