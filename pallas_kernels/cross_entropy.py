@@ -604,13 +604,20 @@ def linear_cross_entropy_backward(x, w, labels, lse, dloss, layout, config):
 
 # custom_vjp wiring
 
+def linear_loss_dtype(x, w):
+    """The dtype of linear_cross_entropy's losses: at least float32. The log-sum-exp is
+    accumulated in float32; rounding the loss to bf16 would throw away what a float32 loss
+    computed from bf16 logits keeps."""
+    return jnp.promote_types(jnp.result_type(x, w), jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _linear_ce_pallas(x, w, labels, layout, config):
-    return linear_cross_entropy_forward(x, w, labels, layout, jnp.result_type(x, w), config)[0]
+    return linear_cross_entropy_forward(x, w, labels, layout, linear_loss_dtype(x, w), config)[0]
 
 
 def _linear_ce_pallas_fwd(x, w, labels, layout, config):
-    loss, lse = linear_cross_entropy_forward(x, w, labels, layout, jnp.result_type(x, w), config)
+    loss, lse = linear_cross_entropy_forward(x, w, labels, layout, linear_loss_dtype(x, w), config)
     return loss, (x, w, labels, lse)
 
 
@@ -631,7 +638,7 @@ def linear_cross_entropy_pallas(x, w, labels, *, w_layout: str = "dv",
     vocab = w.shape[1] if w_layout == "dv" else w.shape[0]
     dtype = jnp.result_type(x, w)
     if labels.size == 0:
-        return jnp.zeros(labels.shape, dtype)
+        return jnp.zeros(labels.shape, linear_loss_dtype(x, w))
     x2d = x.reshape(-1, d).astype(dtype)
     w = w.astype(dtype)
     if config is None:
@@ -750,13 +757,13 @@ def linear_cross_entropy_xla(x, w, labels, *, w_layout: str = "dv"):
     vocab = w.shape[1] if w_layout == "dv" else w.shape[0]
     dtype = jnp.result_type(x, w)
     if labels.size == 0:
-        return jnp.zeros(labels.shape, dtype)
+        return jnp.zeros(labels.shape, linear_loss_dtype(x, w))
     x2d = x.reshape(-1, d).astype(dtype)
     # Chunks whose logits take about 64 MB; at least 128 columns (the whole vocab if less).
     chunk = min(vocab, _chunk_columns(x2d.shape[0], vocab, jnp.dtype(dtype).itemsize, 128))
     loss = _linear_ce_xla(x2d, w.astype(dtype), _normalize_labels(labels.reshape(-1), vocab),
                           w_layout, chunk)
-    return loss.astype(dtype).reshape(labels.shape)
+    return loss.astype(linear_loss_dtype(x, w)).reshape(labels.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -799,7 +806,8 @@ def linear_cross_entropy(x, w, labels, *, w_layout: str = "dv", implementation=N
       implementation: None (choose), "pallas", "xla", or a list tried in order.
 
     Returns:
-      [...] per-example losses in the promoted dtype of x and w.
+      [...] per-example losses in float32 (float64 for float64 inputs), whatever the inputs'
+      dtype: see `linear_loss_dtype`.
     """
     if w_layout not in W_LAYOUTS:
         raise ValueError(f"linear_cross_entropy: w_layout must be 'dv' (w is [d, vocab]) or 'vd' "
