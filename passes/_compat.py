@@ -1,6 +1,8 @@
 """Every difference between the supported jax versions (0.10.2 through 0.12.x) lives here."""
 from __future__ import annotations
 
+import itertools
+
 import jax
 from jax._src import core as _core
 from jax._src.interpreters import ad as _ad
@@ -104,6 +106,21 @@ def under_forward_mode(leaves) -> bool:
             return True
         stack.extend(c for c in _tracer_children(t) if isinstance(c, _core.Tracer))
     return False
+
+
+def source_location(source_info, library_markers=("site-packages", "dist-packages")) -> str:
+    """`file:line:col (function)` of the innermost frame of the user's own code.
+
+    JAX's summary skips JAX's frames only; a Flax module's math would point into Flax.
+    """
+    from jax._src import source_info_util as siu
+
+    frames = list(itertools.islice(siu.user_frames(source_info.traceback), 16))
+    if not frames:
+        return "unknown"
+    own = next((f for f in frames if not any(m in f.file_name for m in library_markers)),
+               frames[0])
+    return siu._summarize_frame(own)
 
 
 def _primitive_of(fn, *args):

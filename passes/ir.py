@@ -130,12 +130,13 @@ def nested_regions(eqn, path: str, primal_only: bool) -> Iterator[tuple[str, int
 
 
 def location(eqn) -> str:
-    """`file:line (module/path)` for an equation, from its source info."""
-    from jax._src import source_info_util
-
+    """`file:line (module/path)` for an equation: the innermost frame of the user's own code
+    (not JAX's, not a library's), then the name stack."""
     si = eqn.source_info
-    where = source_info_util.summarize(si) if si is not None else "?"
-    stack = str(si.name_stack) if si is not None else ""
+    if si is None:
+        return "?"
+    stack = str(si.name_stack)
+    where = C.source_location(si)
     return f"{where} ({stack})" if stack else where
 
 
