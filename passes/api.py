@@ -54,7 +54,7 @@ def _aval_struct(leaf, where):
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type), sharding
 
 
-def _split_call(args, kwargs, static_argnums, static_argnames) -> _Call:
+def _split_call(args, kwargs, static_argnums, static_argnames) -> tuple[_Call, list]:
     from flax import nnx
 
     static_pos = {i % len(args) if args else i for i in static_argnums}
@@ -114,9 +114,10 @@ def _split_call(args, kwargs, static_argnums, static_argnames) -> _Call:
 @dataclasses.dataclass
 class _Program:
     before: object  # closed jaxpr as traced
-    after: object  # closed jaxpr as rewritten
-    out_tree: object
-    n_module_leaves: int
+    after: object  # closed jaxpr as rewritten: fn's outputs, then NNX module state leaves
+    out_tree: object  # treedef of fn's outputs
+    state_tree: object  # treedef of the NNX module states written back
+    n_state: int  # how many trailing outputs are module state leaves
     report: Report
     _jitted: object = None
 
@@ -154,7 +155,8 @@ def _build(fn, pipeline: Pipeline, call: _Call, structs) -> _Program:
     trace_time = time.perf_counter() - t0
     after, ctx = pipeline.run(closed, Context(pipeline.sites, pipeline.debug))
     report = Report(pipeline.names, ctx, closed, after, trace_time)
-    return _Program(closed, after, out_info, out_info["n_state"], report)
+    return _Program(closed, after, out_info["tree"], out_info["states"], out_info["n_state"],
+                    report)
 
 
 def _apply_module_states(call: _Call, program: _Program, state_leaves):
@@ -162,7 +164,7 @@ def _apply_module_states(call: _Call, program: _Program, state_leaves):
 
     if not call.modules:
         return
-    states = jax.tree.unflatten(program.out_tree["states"], state_leaves)
+    states = jax.tree.unflatten(program.state_tree, state_leaves)
     for (_, module), state in zip(call.modules, states):
         nnx.update(module, state)
 
@@ -207,10 +209,10 @@ def optimize(fn, pipeline: Pipeline | None = None, *, static_argnums=(), static_
         if program is None:
             program = cache[key] = _build(fn, pipeline, call, structs)
         flat = program.run(list(call.leaves))
-        n_state = program.n_module_leaves
-        outs = flat[:len(flat) - n_state]
-        _apply_module_states(call, program, flat[len(flat) - n_state:])
-        result = jax.tree.unflatten(program.out_tree["tree"], outs)
+        n_out = len(flat) - program.n_state
+        outs = flat[:n_out]
+        _apply_module_states(call, program, flat[n_out:])
+        result = jax.tree.unflatten(program.out_tree, outs)
         if verify:
             _verify(program, call, outs)
         return result
@@ -240,7 +242,7 @@ def _verify(program: _Program, call: _Call, outs):
     ref = jax.jit(C.jaxpr_as_fun(program.before))(*call.leaves)
     problems = []
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        jax.tree.unflatten(program.out_tree["tree"], list(range(len(outs)))))[0]]
+        jax.tree.unflatten(program.out_tree, list(range(len(outs)))))[0]]
     for i, (got, want) in enumerate(zip(outs, ref)):
         got, want = np.asarray(got), np.asarray(want)
         if not jax.numpy.issubdtype(got.dtype, jax.numpy.inexact):
