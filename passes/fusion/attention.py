@@ -35,16 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import inspect
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from passes import _compat as C
+from passes.fusion._shared import constant_value, dot_dims, kernel, precision_problem
 from passes.pipeline import RulePass
 from passes.rewrite import FunctionRule, Match, NoMatch
 
@@ -53,8 +51,7 @@ from passes.rewrite import FunctionRule, Match, NoMatch
 MASK_FILL_THRESHOLD = -1e4
 
 # Largest constant mask evaluated at rewrite time (elements); larger ones stay data masks.
-_MAX_CONSTANT_ELEMENTS = 1 << 27
-_MAX_CONSTANT_EQNS = 256
+
 
 _RANDOM_PRIMITIVES = frozenset({"random_bits", "random_wrap", "random_seed", "random_unwrap",
                                 "threefry2x32", "rng_bit_generator", "rng_uniform"})
@@ -760,7 +757,7 @@ def _attention_replacement(q, k, v, *extras, plan: AttentionPlan, implementation
         b = _merge(b, roles, logit_groups, sizes) * mult if mult != 1.0 else \
             _merge(b, roles, logit_groups, sizes)
         bias = b if bias is None else bias + b
-    attention = kernel("attention", "attention")
+    attention = kernel("attention")
     out = attention(q4, k4, v4, causal=plan.causal, mask=mask, bias=bias, scale=plan.scale,
                     implementation=list(implementation) if isinstance(implementation, tuple)
                     else implementation)
@@ -797,24 +794,7 @@ def _masked_rows(out, v4, mask, plan):
 
 
 # =============================================================================================
-# Matching helpers shared with cross_entropy.py
-
-
-def kernel(name: str, module: str):
-    """`pallas_kernels.<name>` (or `pallas_kernels.<module>.<name>` while the package does not
-    re-export it)."""
-    import pallas_kernels
-
-    fn = getattr(pallas_kernels, name, None)
-    if fn is not None and not inspect.ismodule(fn):
-        return fn
-    return getattr(importlib.import_module(f"pallas_kernels.{module}"), name)
-
-
-def dot_dims(eqn):
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    return (tuple(int(d) for d in lc), tuple(int(d) for d in rc),
-            tuple(int(d) for d in lb), tuple(int(d) for d in rb))
+# Matching helpers
 
 
 def free_axes(rank, contract, batch):
@@ -823,40 +803,6 @@ def free_axes(rank, contract, batch):
 
 def _is_float(atom) -> bool:
     return jnp.issubdtype(atom.aval.dtype, jnp.floating)
-
-
-# dot algorithm presets / precisions that ask for more than TF32 from float32 operands; the
-# kernels multiply float32 in TF32 on GPUs.
-_EXACT_F32 = frozenset({"HIGH", "HIGHEST", "F32_F32_F32", "BF16_BF16_F32_X3", "BF16_BF16_F32_X6",
-                        "BF16_BF16_F32_X9", "TF32_TF32_F32_X3", "F64_F64_F64"})
-_KNOWN_PRECISIONS = frozenset({"DEFAULT", "F16_F16_F16", "F16_F16_F32", "BF16_BF16_BF16",
-                               "BF16_BF16_F32", "TF32_TF32_F32"}) | _EXACT_F32
-
-
-def _precision_names(precision):
-    if precision is None:
-        return []
-    if isinstance(precision, (tuple, list)):
-        return [n for p in precision for n in _precision_names(p)]
-    name = getattr(precision, "name", None)
-    return [name if name is not None else str(precision)]
-
-
-def precision_problem(eqn) -> str | None:
-    """Why the kernels cannot honour this dot_general's precision settings (None if they can)."""
-    in_dtype = jnp.dtype(eqn.invars[0].aval.dtype)
-    pet = eqn.params.get("preferred_element_type")
-    if pet is not None and (not jnp.issubdtype(pet, jnp.floating) or jnp.dtype(pet).itemsize > 4):
-        return (f"preferred_element_type={jnp.dtype(pet).name} on {in_dtype.name} operands; the "
-                f"kernel accumulates in float32")
-    wide = in_dtype.itemsize >= 4
-    for name in _precision_names(eqn.params.get("precision")):
-        if name not in _KNOWN_PRECISIONS:
-            return f"precision {name}, which the kernel does not implement"
-        if wide and name in _EXACT_F32:
-            return (f"precision {name} on {in_dtype.name} operands; the kernel multiplies "
-                    f"float32 in TF32 on GPUs")
-    return None
 
 
 def scalar_constant(region, atom):
@@ -931,55 +877,6 @@ def trace_broadcast(region, atom, roles, sizes, peel_casts=False):
             break
         atom = src
     return atom, tuple(cur)
-
-
-def constant_value(region, atom):
-    """The value of `atom` if it is computable from literals, iotas and known constants.
-
-    Values (and the verdict "not constant") are cached on the region: after CSE every layer's
-    mask is the same variable, so a deep model evaluates its mask once.
-    """
-    if isinstance(atom, C.Literal):
-        return np.asarray(atom.val, dtype=atom.aval.dtype)
-    memo = region.cache.setdefault("constant_value", {})
-    if atom not in memo:
-        try:
-            with jax.ensure_compile_time_eval():
-                _constant(region, atom, memo, [0])
-        except _NotConstant:
-            memo[atom] = None
-    return memo[atom]
-
-
-class _NotConstant(Exception):
-    pass
-
-
-def _constant(region, atom, memo, count):
-    if isinstance(atom, C.Literal):
-        return np.asarray(atom.val, dtype=atom.aval.dtype)
-    if atom in memo:
-        if memo[atom] is None:
-            raise _NotConstant
-        return memo[atom]
-    pos = region.producer(atom)
-    if pos is None:
-        consts = C.closed_consts(region.container)
-        if atom in region.constvars and len(consts) == len(region.constvars):
-            value = np.asarray(consts[region.constvars.index(atom)])
-            memo[atom] = value
-            return value
-        raise _NotConstant
-    eqn = region.eqns[pos]
-    count[0] += 1
-    if (eqn.effects or count[0] > _MAX_CONSTANT_EQNS or eqn.primitive in C.NESTED_PRIMITIVES
-            or any(math.prod(v.aval.shape) > _MAX_CONSTANT_ELEMENTS for v in eqn.outvars)):
-        raise _NotConstant
-    args = [_constant(region, a, memo, count) for a in eqn.invars]
-    outs = C.eqn_bind(eqn, [jnp.asarray(a) for a in args])
-    for v, val in zip(eqn.outvars, outs):
-        memo[v] = np.asarray(val)
-    return memo[atom]
 
 
 def match_softmax(region, var):

@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from passes import _compat as C
-from passes.fusion.attention import constant_value, dot_dims, kernel, precision_problem
+from passes.fusion._shared import constant_value, dot_dims, kernel, precision_problem
 from passes.pipeline import RulePass
 from passes.rewrite import FunctionRule, Match, NoMatch
 
@@ -559,7 +559,7 @@ def _cross_entropy_replacement(*args, plan: CrossEntropyPlan, implementation=Non
         logits = jnp.moveaxis(args[0], plan.axis, -1)
 
         def loss_of(lab):
-            return kernel("softmax_cross_entropy", "cross_entropy")(
+            return kernel("softmax_cross_entropy")(
                 logits, lab, implementation=impl)
 
         def logit_at(lab):
@@ -569,7 +569,7 @@ def _cross_entropy_replacement(*args, plan: CrossEntropyPlan, implementation=Non
         h = jnp.moveaxis(h, plan.x_axis, -1)
 
         def loss_of(lab):
-            return kernel("linear_cross_entropy", "cross_entropy")(
+            return kernel("linear_cross_entropy")(
                 h, w, lab, w_layout=plan.w_layout, implementation=impl)
 
         def logit_at(lab):
