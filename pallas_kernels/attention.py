@@ -267,6 +267,21 @@ def _row_tile(ref, layout: _Layout, k0, block_k: int):
     return ref[:, pl.ds(k0, block_k)] if layout.k else ref[...]
 
 
+def _row_block_logits(plan: _Plan, q, q0, k0, shape, k_ref, v_ref, mask_ref, bias_ref,
+                      qk_scale, structural: bool):
+    """(k, v, logits in log2 units, masked to -inf) for the key block at `k0` of a kernel
+    gridded over query blocks (forward and dQ)."""
+    bk = shape[1]
+    k = k_ref[pl.ds(k0, bk), :]
+    v = v_ref[pl.ds(k0, bk), :]
+    s = _dot_nt(q, k) * qk_scale
+    if bias_ref is not None:
+        s = s + _row_tile(bias_ref, plan.bias, k0, bk).astype(_F32) * LOG2E
+    mask_tile = None if mask_ref is None else _row_tile(mask_ref, plan.mask, k0, bk)
+    keep = _keep(plan, q0, k0, shape, mask_tile, structural)
+    return k, v, s if keep is None else jnp.where(keep, s, -jnp.inf)
+
+
 def _row_spec(layout: _Layout, plan: _Plan, block_q: int):
     """BlockSpec of a 4-D mask/bias for the kernels gridded over (batch, head, query block)."""
     sq = compat.squeezed
@@ -293,15 +308,8 @@ def _fwd_kernel(*refs, plan: _Plan):
     def step(j, carry, structural):
         m, l, acc = carry
         k0 = pl.multiple_of(j * bk, bk)
-        k = k_ref[pl.ds(k0, bk), :]
-        v = v_ref[pl.ds(k0, bk), :]
-        s = _dot_nt(q, k) * qk_scale
-        if bias_ref is not None:
-            s = s + _row_tile(bias_ref, plan.bias, k0, bk).astype(_F32) * LOG2E
-        mask_tile = None if mask_ref is None else _row_tile(mask_ref, plan.mask, k0, bk)
-        keep = _keep(plan, q0, k0, (bq, bk), mask_tile, structural)
-        if keep is not None:
-            s = jnp.where(keep, s, -jnp.inf)
+        k, v, s = _row_block_logits(plan, q, q0, k0, (bq, bk), k_ref, v_ref, mask_ref,
+                                    bias_ref, qk_scale, structural)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
         shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -430,15 +438,8 @@ def _dq_kernel(*refs, plan: _Plan):
 
     def step(j, dq, structural):
         k0 = pl.multiple_of(j * bk, bk)
-        k = k_ref[pl.ds(k0, bk), :]
-        v = v_ref[pl.ds(k0, bk), :]
-        s = _dot_nt(q, k) * qk_scale
-        if bias_ref is not None:
-            s = s + _row_tile(bias_ref, plan.bias, k0, bk).astype(_F32) * LOG2E
-        mask_tile = None if mask_ref is None else _row_tile(mask_ref, plan.mask, k0, bk)
-        keep = _keep(plan, q0, k0, (bq, bk), mask_tile, structural)
-        if keep is not None:
-            s = jnp.where(keep, s, -jnp.inf)
+        k, v, s = _row_block_logits(plan, q, q0, k0, (bq, bk), k_ref, v_ref, mask_ref,
+                                    bias_ref, qk_scale, structural)
         p = jnp.exp2(s - lse[:, None])
         ds = p * (_dot_nt(do, v) - delta[:, None])
         return dq + _dot_nn(ds.astype(k.dtype), k)
