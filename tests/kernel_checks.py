@@ -1,6 +1,8 @@
 """Checks shared by the kernel tests."""
 from __future__ import annotations
 
+import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jex_core
 
 
@@ -19,3 +21,15 @@ def forbidden_outside_pallas(jaxpr, forbidden) -> list[str]:
                 elif isinstance(sub, jex_core.Jaxpr):
                     found += forbidden_outside_pallas(sub, forbidden)
     return found
+
+
+def assert_close(name, got, want, dtype, expected_dtype, *, tolerance):
+    """`got` has `expected_dtype`, is finite everywhere, and is within `tolerance[dtype]` of the
+    float64 `want`, relative to want's largest magnitude."""
+    assert got.dtype == expected_dtype, f"{name}: dtype {got.dtype}, expected {expected_dtype}"
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    assert np.all(np.isfinite(got)), f"{name}: {np.sum(~np.isfinite(got))} non-finite elements"
+    magnitude = max(np.max(np.abs(want)), 1e-3)
+    err = np.max(np.abs(got - want)) / magnitude
+    assert err <= tolerance[jnp.dtype(dtype)], f"{name}: max error {err:.3g} x {magnitude:.3g}"

@@ -9,6 +9,7 @@ check catches leaks.
 """
 from __future__ import annotations
 
+import functools
 import sys
 import zlib
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import kernel_checks
 from kernel_checks import forbidden_outside_pallas
 
 from pallas_kernels import _pallas_compat, layer_norm, rms_norm
@@ -41,14 +43,7 @@ def reference64(fn, x, params, ct, **kwargs):
                                                      for g in dparams]
 
 
-def assert_close(name, got, want, dtype, expected_dtype):
-    assert got.dtype == expected_dtype, f"{name}: dtype {got.dtype}, expected {expected_dtype}"
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    assert np.all(np.isfinite(got)), f"{name}: {np.sum(~np.isfinite(got))} non-finite elements"
-    magnitude = max(np.max(np.abs(want)), 1e-3)
-    err = np.max(np.abs(got - want)) / magnitude
-    assert err <= TOLERANCE[jnp.dtype(dtype)], f"{name}: max error {err:.3g} x {magnitude:.3g}"
+assert_close = functools.partial(kernel_checks.assert_close, tolerance=TOLERANCE)
 
 
 def random_case(seed, shape, dtype, param_dtype, n_params):
