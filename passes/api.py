@@ -272,18 +272,8 @@ def _rewrites_feeding(closed, out_index) -> set[str]:
     from passes.rewrite import is_replacement
 
     region = Region(closed)
-    found, stack, seen = set(), [region.outvars[out_index]], set()
-    while stack:
-        v = stack.pop()
-        i = region.producer(v)
-        if i is None or i in seen:
-            continue
-        seen.add(i)
-        eqn = region.eqns[i]
-        if is_replacement(eqn):
-            found.add(eqn.params["name"])
-        stack.extend(a for a in eqn.invars if isinstance(a, C.Var))
-    return found
+    return {region.eqns[i].params["name"] for i in region.ancestors(region.outvars[out_index])
+            if is_replacement(region.eqns[i])}
 
 
 def explain(fn, *args, pipeline: Pipeline | None = None, **kwargs) -> Report:

@@ -78,6 +78,18 @@ class Region:
             self._index()
         return self._by_primitive.get(primitive, [])
 
+    def ancestors(self, atom, limit: int | None = None):
+        """Positions of the equations `atom` depends on in this region, each once (at most
+        `limit` of them)."""
+        stack, seen = [atom], set()
+        while stack and (limit is None or len(seen) < limit):
+            pos = self.producer(stack.pop())
+            if pos is None or pos in seen:
+                continue
+            seen.add(pos)
+            yield pos
+            stack.extend(a for a in self.eqns[pos].invars if isinstance(a, C.Var))
+
     def set_eqns(self, eqns):
         self.eqns = list(eqns)
         self._producers = self._users = self._by_primitive = None

@@ -179,18 +179,8 @@ def _path_to_softmax(region, eqn, depth):
 
 
 def _reaches_random(region, atom, budget=96) -> bool:
-    stack, seen = [atom], set()
-    while stack and len(seen) < budget:
-        a = stack.pop()
-        pos = region.producer(a)
-        if pos is None or pos in seen:
-            continue
-        seen.add(pos)
-        eqn = region.eqns[pos]
-        if eqn.primitive.name in _RANDOM_PRIMITIVES:
-            return True
-        stack.extend(v for v in eqn.invars if isinstance(v, C.Var))
-    return False
+    return any(region.eqns[pos].primitive.name in _RANDOM_PRIMITIVES
+               for pos in region.ancestors(atom, limit=budget))
 
 
 # ---------------------------------------------------------------------------------------------
