@@ -56,8 +56,9 @@ def literal(value, aval):
     return Literal(value, aval)
 
 
-def scalar_aval(dtype, weak_type=False):
-    return _core.ShapedArray((), dtype, weak_type=weak_type)
+def shaped_abstractify(value):
+    """The abstract value (shape, dtype, weak type) JAX would trace `value` as."""
+    return _core.shaped_abstractify(value)
 
 
 def new_var(aval) -> Var:

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
 import warnings
 
 import jax
 import numpy as np
-from jax._src import core as _core
 
 from passes import _compat as C
-from passes.pipeline import Context, Pipeline
+from passes.pipeline import Context, MalformedProgramError, Pipeline
 from passes.report import Report
 
 
@@ -31,18 +31,51 @@ def _is_graph_node(x) -> bool:
     return nnx.graph.is_graph_node(x)
 
 
+def static_positions_and_names(fn, static_argnums, static_argnames):
+    """Complete `static_argnums`/`static_argnames` from `fn`'s signature, as `jax.jit` does.
+
+    A parameter marked static by position is static when given by keyword too, and one marked
+    by name is static when given by position.
+    """
+    nums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+    names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins and some callables have no signature
+        return frozenset(nums), frozenset(names)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    nums = {i % len(positional) if i < 0 and positional else i for i in nums}
+    names = set(names)
+    names |= {positional[i].name for i in nums
+              if i < len(positional) and positional[i].kind is not inspect.Parameter.POSITIONAL_ONLY}
+    nums |= {i for i, p in enumerate(positional) if p.name in names}
+    return frozenset(nums), frozenset(names)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NodeSlot:
+    """Where an NNX graph node sat among the arguments (the index into the distinct nodes)."""
+    index: int
+
+
 @dataclasses.dataclass(frozen=True)
 class _Call:
-    """One call's arguments, split into what is traced and what is part of the cache key."""
-    leaves: tuple  # dynamic array leaves, NNX module state included
+    """One call's arguments, split into what is traced and what is part of the cache key.
+
+    `leaves` starts with the state leaves of every distinct NNX graph node found anywhere in the
+    arguments (positional, keyword, inside containers), split together so that shared references
+    stay shared, then the other array leaves.
+    """
+    leaves: tuple
     key: tuple
-    rebuild: object  # leaves -> (args, kwargs, modules) inside the trace
-    modules: tuple  # (position, module) of NNX modules among the arguments
+    rebuild: object  # leaves -> (args, kwargs, nodes) inside the trace
+    nodes: tuple  # the distinct NNX graph nodes, in order of first appearance
+    n_state: int  # how many leading leaves are node state
 
 
 def _aval_struct(leaf, where):
     try:
-        aval = _core.shaped_abstractify(leaf)
+        aval = C.shaped_abstractify(leaf)
     except TypeError:
         raise TypeError(
             f"optimize: {where} is a {type(leaf).__name__}, which cannot be traced. Mark it "
@@ -54,59 +87,77 @@ def _aval_struct(leaf, where):
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type), sharding
 
 
-def _split_call(args, kwargs, static_argnums, static_argnames) -> tuple[_Call, list]:
-    from flax import nnx
-
-    static_pos = {i % len(args) if args else i for i in static_argnums}
+def _pull_static(args, kwargs, static_nums, static_names):
     dyn_args = list(args)
     statics = []
-    for i in sorted(static_pos):
-        if i < len(args):
+    for i in sorted({j % len(args) if j < 0 and args else j for j in static_nums}):
+        if 0 <= i < len(args):
             statics.append((i, args[i]))
             dyn_args[i] = None
-    dyn_kwargs = {k: v for k, v in kwargs.items() if k not in static_argnames}
-    statics.extend((k, kwargs[k]) for k in sorted(kwargs) if k in static_argnames)
-    modules = []
-    for i, a in enumerate(dyn_args):
-        if a is not None and _is_graph_node(a):
-            graphdef, state = nnx.split(a)
-            modules.append((i, a, graphdef))
-            dyn_args[i] = state
-    leaves, treedef = jax.tree.flatten((dyn_args, dyn_kwargs))
+    dyn_kwargs = {k: v for k, v in kwargs.items() if k not in static_names}
+    statics.extend((k, kwargs[k]) for k in sorted(kwargs) if k in static_names)
+    try:
+        hash(tuple(statics))
+    except TypeError as e:
+        raise TypeError(f"optimize: static arguments must be hashable: {e}") from None
+    return dyn_args, dyn_kwargs, tuple(statics)
+
+
+def _pull_nodes(flat):
+    """Replace each graph node in `flat` by a `_NodeSlot`; return the distinct nodes."""
+    nodes, index = [], {}
+    for i, leaf in enumerate(flat):
+        if _is_graph_node(leaf):
+            k = index.setdefault(id(leaf), len(nodes))
+            if k == len(nodes):
+                nodes.append(leaf)
+            flat[i] = _NodeSlot(k)
+    return tuple(nodes)
+
+
+def _split_call(args, kwargs, static_nums, static_names) -> tuple[_Call, list]:
+    from flax import nnx
+
+    dyn_args, dyn_kwargs, statics = _pull_static(args, kwargs, static_nums, static_names)
+    flat, treedef = jax.tree.flatten((dyn_args, dyn_kwargs), is_leaf=_is_graph_node)
+    nodes = _pull_nodes(flat)
+    graphdef, state = nnx.split(nodes) if nodes else (None, {})
+    state_leaves, state_tree = jax.tree.flatten(state)
+    array_pos = [i for i, leaf in enumerate(flat) if not isinstance(leaf, _NodeSlot)]
+    leaves = state_leaves + [flat[i] for i in array_pos]
     structs, shardings = [], []
-    paths = None
     for n, leaf in enumerate(leaves):
         try:
             s, sh = _aval_struct(leaf, f"argument leaf {n}")
         except TypeError:
-            paths = paths or [jax.tree_util.keystr(p) for p, _ in
-                              jax.tree_util.tree_flatten_with_path((dyn_args, dyn_kwargs))[0]]
-            _aval_struct(leaf, f"the argument at {paths[n]} (positional args first, then kwargs)")
+            paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+                (dyn_args, dyn_kwargs), is_leaf=_is_graph_node)[0]]
+            where = paths[array_pos[n - len(state_leaves)]] if n >= len(state_leaves) else "?"
+            _aval_struct(leaf, f"the argument at {where} (positional args first, then kwargs)")
         structs.append(s)
         shardings.append(sh)
-    try:
-        static_key = tuple(statics)
-        hash(static_key)
-    except TypeError as e:
-        raise TypeError(f"optimize: static arguments must be hashable: {e}") from None
-    key = (treedef, tuple((s.shape, s.dtype, s.weak_type) for s in structs), tuple(shardings),
-           static_key, tuple(g for _, _, g in modules))
+    slots = tuple((i, flat[i].index) for i in range(len(flat)) if isinstance(flat[i], _NodeSlot))
+    key = (treedef, slots, tuple((s.shape, s.dtype, s.weak_type) for s in structs),
+           tuple(shardings), statics, graphdef, state_tree)
+    n_state = len(state_leaves)
 
-    def rebuild(flat):
-        a, kw = jax.tree.unflatten(treedef, flat)
+    def rebuild(values):
+        merged = nnx.merge(graphdef, jax.tree.unflatten(state_tree, values[:n_state])) if nodes else ()
+        full = list(flat)
+        for i, v in zip(array_pos, values[n_state:]):
+            full[i] = v
+        for i, k in slots:
+            full[i] = merged[k]
+        a, kw = jax.tree.unflatten(treedef, full)
         a = list(a)
         for i, v in statics:
             if isinstance(i, int):
                 a[i] = v
             else:
                 kw[i] = v
-        merged = []
-        for i, _, graphdef in modules:
-            a[i] = nnx.merge(graphdef, a[i])
-            merged.append(a[i])
         return a, kw, merged
 
-    return _Call(tuple(leaves), key, rebuild, tuple((i, m) for i, m, _ in modules)), structs
+    return _Call(tuple(leaves), key, rebuild, nodes, n_state), structs
 
 
 # -- tracing and rewriting ---------------------------------------------------------------------
@@ -114,15 +165,16 @@ def _split_call(args, kwargs, static_argnums, static_argnames) -> tuple[_Call, l
 @dataclasses.dataclass
 class _Program:
     before: object  # closed jaxpr as traced
-    after: object  # closed jaxpr as rewritten: fn's outputs, then NNX module state leaves
+    after: object  # closed jaxpr as rewritten: fn's outputs, then NNX node state leaves
     out_tree: object  # treedef of fn's outputs
-    state_tree: object  # treedef of the NNX module states written back
-    n_state: int  # how many trailing outputs are module state leaves
+    state_tree: object  # treedef of the NNX node state after the call
+    n_state: int  # how many trailing outputs are node state leaves
+    changed_state: tuple | None  # which state leaves fn changed (None: the structure changed)
     report: Report
     _jitted: object = None
 
     def run(self, leaves):
-        if any(isinstance(x, _core.Tracer) for x in leaves):
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):
             return C.jaxpr_as_fun(self.after)(*leaves)
         if self._jitted is None:
             self._jitted = jax.jit(C.jaxpr_as_fun(self.after))
@@ -137,36 +189,62 @@ def _trace(fn, call: _Call, structs):
     def flat_fn(*flat):
         a, kw, merged = call.rebuild(list(flat))
         out = fn(*a, **kw)
-        states = [nnx.split(m)[1] for m in merged]
+        state = nnx.split(merged)[1] if call.nodes else {}
         out_leaves, out_tree = jax.tree.flatten(out)
-        state_leaves = jax.tree.leaves(states)
-        out_info["tree"] = out_tree
-        out_info["states"] = jax.tree.structure(states)
-        out_info["n_state"] = len(state_leaves)
+        state_leaves, state_tree = jax.tree.flatten(state)
+        out_info.update(tree=out_tree, state_tree=state_tree, n_state=len(state_leaves))
         return out_leaves + state_leaves
 
     closed = jax.make_jaxpr(flat_fn)(*structs)
     return closed, out_info
 
 
+def _changed_state(closed, call: _Call, n_state: int):
+    """Indices of the node state leaves `fn` changed: those not passed straight through.
+
+    Unchanged state is never written back, so a module created outside an enclosing `jit`,
+    `vmap` or `grad` can be used inside it exactly as the plain function could.
+    """
+    if n_state != call.n_state:
+        return None
+    body = C.open_jaxpr(closed)
+    outs = body.outvars[len(body.outvars) - n_state:]
+    return tuple(j for j, (o, i) in enumerate(zip(outs, body.invars)) if o is not i)
+
+
 def _build(fn, pipeline: Pipeline, call: _Call, structs) -> _Program:
     t0 = time.perf_counter()
     closed, out_info = _trace(fn, call, structs)
     trace_time = time.perf_counter() - t0
-    after, ctx = pipeline.run(closed, Context(pipeline.sites, pipeline.debug))
+    ctx = Context(pipeline.sites, pipeline.debug)
+    try:
+        after, ctx = pipeline.run(closed, ctx)
+    except MalformedProgramError as e:
+        warnings.warn(f"optimize: {e}. Running the original program instead; please report "
+                      f"this with the program that triggered it.", RuntimeWarning, stacklevel=4)
+        after = closed
     report = Report(pipeline.names, ctx, closed, after, trace_time)
-    return _Program(closed, after, out_info["tree"], out_info["states"], out_info["n_state"],
-                    report)
+    n_state = out_info["n_state"]
+    return _Program(closed, after, out_info["tree"], out_info["state_tree"], n_state,
+                    _changed_state(closed, call, n_state), report)
 
 
-def _apply_module_states(call: _Call, program: _Program, state_leaves):
+def _apply_node_states(call: _Call, program: _Program, state_leaves):
     from flax import nnx
 
-    if not call.modules:
+    if not call.nodes or not state_leaves:
         return
-    states = jax.tree.unflatten(program.state_tree, state_leaves)
-    for (_, module), state in zip(call.modules, states):
-        nnx.update(module, state)
+    new_state = jax.tree.unflatten(program.state_tree, state_leaves)
+    if program.changed_state is not None:
+        changed = set(program.changed_state)
+        if not changed:
+            return
+        flat = list(nnx.to_flat_state(new_state))
+        in_order = [leaf for _, var in flat for leaf in jax.tree.leaves(var)]
+        if len(in_order) == len(state_leaves) and all(
+                a is b for a, b in zip(in_order, state_leaves)):  # one leaf per variable
+            new_state = nnx.from_flat_state([flat[j] for j in sorted(changed)])
+    nnx.update(call.nodes, new_state)
 
 
 # -- public ------------------------------------------------------------------------------------
@@ -179,8 +257,10 @@ def optimize(fn, pipeline: Pipeline | None = None, *, static_argnums=(), static_
     `jax.vmap` and sharded `jit`: the rewritten program is evaluated inside the caller's trace.
     The program is traced and rewritten once per input signature (tree structure, shapes, dtypes,
     weak types, explicit shardings, static arguments). Python scalars are traced weak-typed, as
-    under `jax.jit`. NNX modules among the arguments behave as under `nnx.jit`: state updates
-    made by `fn` are written back.
+    under `jax.jit`. NNX graph nodes anywhere among the arguments (positional, keyword, inside
+    lists and dicts) behave as under `nnx.jit`: the same module given twice is one module, and
+    the state `fn` changes (BatchNorm statistics, RNG counts) is written back; state it leaves
+    alone is never touched, so a module may be closed over by an enclosing `jit` or `vmap`.
 
     Forward-mode differentiation (`jvp`, `jacfwd`, `hessian`) cannot pass through the kernels'
     custom_vjp rules; under it, the original `fn` runs instead.
@@ -188,12 +268,14 @@ def optimize(fn, pipeline: Pipeline | None = None, *, static_argnums=(), static_
     Args:
       fn: the function to rewrite.
       pipeline: the passes to run.
-      static_argnums, static_argnames: arguments that are not traced (hashable; part of the key).
+      static_argnums, static_argnames: arguments that are not traced (hashable; part of the
+        key). As under `jax.jit`, an argument named by either is static whether it is given by
+        position or by keyword.
       verify: on concrete arguments, also run the original and raise `VerificationError` when
         results differ beyond the tolerance for their dtype.
     """
-    static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
-    static_argnames = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+    static_argnums, static_argnames = static_positions_and_names(fn, static_argnums,
+                                                                 static_argnames)
     cache: dict = {}
 
     @functools.wraps(fn)
@@ -211,7 +293,7 @@ def optimize(fn, pipeline: Pipeline | None = None, *, static_argnums=(), static_
         flat = program.run(list(call.leaves))
         n_out = len(flat) - program.n_state
         outs = flat[:n_out]
-        _apply_module_states(call, program, flat[n_out:])
+        _apply_node_states(call, program, flat[n_out:])
         result = jax.tree.unflatten(program.out_tree, outs)
         if verify:
             _verify(program, call, outs)
@@ -232,7 +314,7 @@ def optimize(fn, pipeline: Pipeline | None = None, *, static_argnums=(), static_
 
 
 def _verify(program: _Program, call: _Call, outs):
-    if any(isinstance(x, _core.Tracer) for x in call.leaves):
+    if any(isinstance(x, jax.core.Tracer) for x in call.leaves):
         warnings.warn("optimize(verify=True) cannot verify under a trace (jit, grad, vmap): it "
                       "needs concrete arguments. Call the optimized function outside "
                       "transformations to verify it.", stacklevel=3)
@@ -276,11 +358,14 @@ def _rewrites_feeding(closed, out_index) -> set[str]:
             if is_replacement(region.eqns[i])}
 
 
-def explain(fn, *args, pipeline: Pipeline | None = None, **kwargs) -> Report:
+def explain(fn, *args, pipeline: Pipeline | None = None, static_argnums=(), static_argnames=(),
+            **kwargs) -> Report:
     """Run `pipeline` on `fn`'s program for these arguments and report what fired where.
 
     Arguments may be arrays or `jax.ShapeDtypeStruct`s; keyword arguments go to `fn`.
+    `static_argnums`/`static_argnames` mark arguments that are not traced, as in `optimize`.
     """
     pipeline = pipeline or _default_pipeline()
-    call, structs = _split_call(args, kwargs, (), ())
+    nums, names = static_positions_and_names(fn, static_argnums, static_argnames)
+    call, structs = _split_call(args, kwargs, nums, names)
     return _build(fn, pipeline, call, structs).report

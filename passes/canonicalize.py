@@ -5,8 +5,10 @@ substitutions made so far, then the rule registered for its primitive (if any) m
 replace it with other equations, or forward one of its operands in place of its result:
 
 - pure `jit` equations are inlined (idioms straddle them: `jnp.var`, `log_softmax`, `silu`);
-- equations whose operands are all scalar literals are folded (`sqrt 8.0` becomes a literal);
-- `x * 1`, `x + 0`, `x - 0`, `x / 1` and casts to the same type forward `x`;
+- pure equations whose operands are all scalar literals are folded by binding the primitive on
+  them, so the value is XLA's own (`sqrt 8.0` becomes a literal);
+- `x * 1`, `x + 0`, `x - 0`, `x / 1` and casts to the same type forward `x` (for floats only
+  the zero whose sign keeps `-0.0` intact);
 - cast chains that round-trip exactly (`bf16 -> f32 -> bf16`) forward the source;
 - a `transpose` feeding a `dot_general` folds into its dimension numbers when that keeps the
   output layout;
@@ -23,6 +25,7 @@ from jax import lax
 
 from passes import _compat as C
 from passes.pipeline import Pass
+from passes.purity import is_pure
 from passes.rewrite import is_replacement
 
 # rule(eqn, state) -> None (keep eqn) | list of equations (emit these instead) | an atom (the
@@ -62,9 +65,10 @@ class _State:
 
 
 def _is_literal(a, value=None):
+    """`a` is a scalar literal (equal to `value`, when given; complex values compare too)."""
     if not isinstance(a, C.Literal) or np.shape(a.val) != ():
         return False
-    return value is None or float(np.asarray(a.val)) == value
+    return value is None or np.asarray(a.val).item() == value
 
 
 def _same_type(a, b):
@@ -110,33 +114,22 @@ def _inline_jit(eqn, state):
 
 # -- constant folding and identities -----------------------------------------------------------
 
-# Scalar constant folding, in numpy at the result dtype (no XLA compile per constant).
-_NUMPY_FOLD = {
-    lax.add_p: np.add, lax.sub_p: np.subtract, lax.mul_p: np.multiply, lax.div_p: np.divide,
-    lax.max_p: np.maximum, lax.min_p: np.minimum, lax.pow_p: np.power, lax.neg_p: np.negative,
-    lax.sqrt_p: np.sqrt, lax.rsqrt_p: lambda x: 1 / np.sqrt(x), lax.exp_p: np.exp,
-    lax.log_p: np.log, lax.abs_p: np.abs, lax.square_p: np.square,
-    lax.integer_pow_p: None, lax.convert_element_type_p: None,
-    lax.gt_p: np.greater, lax.lt_p: np.less, lax.ge_p: np.greater_equal,
-    lax.le_p: np.less_equal, lax.eq_p: np.equal, lax.ne_p: np.not_equal,
-    lax.not_p: np.logical_not, lax.and_p: np.logical_and, lax.or_p: np.logical_or,
-}
-
-
 def _fold(eqn):
-    if (eqn.primitive not in _NUMPY_FOLD or len(eqn.outvars) != 1 or not eqn.invars
-            or eqn.outvars[0].aval.shape != () or not all(_is_literal(a) for a in eqn.invars)):
+    """Scalar equations of literals become a literal, computed by the primitive itself.
+
+    Binding the primitive on concrete values (outside any trace the caller is in) gives exactly
+    what XLA computes: integer wrap-around, saturating float->int casts, unsigned and complex
+    types, bitwise logic on integers. A numpy look-alike gets each of those wrong somewhere.
+    """
+    if (len(eqn.outvars) != 1 or not eqn.invars or eqn.outvars[0].aval.shape != ()
+            or not all(_is_literal(a) for a in eqn.invars)
+            or eqn.primitive in C.NESTED_PRIMITIVES or not is_pure(eqn)):
         return None
     out_aval = eqn.outvars[0].aval
     args = [np.asarray(a.val, a.aval.dtype) for a in eqn.invars]
-    with np.errstate(all="ignore"):
-        if eqn.primitive is lax.integer_pow_p:
-            value = args[0] ** eqn.params["y"]
-        elif eqn.primitive is lax.convert_element_type_p:
-            value = args[0]
-        else:
-            value = _NUMPY_FOLD[eqn.primitive](*args)
-    return C.literal(np.asarray(value).astype(out_aval.dtype), out_aval)
+    with jax.ensure_compile_time_eval():
+        (value,) = C.eqn_bind(eqn, args)
+    return C.literal(np.asarray(value, out_aval.dtype), out_aval)
 
 
 @register(lax.select_n_p)
@@ -150,6 +143,18 @@ def _select_literal(eqn, state):
 
 _IDENTITY = {lax.mul_p: (1.0, (0, 1)), lax.add_p: (0.0, (0, 1)), lax.sub_p: (0.0, (1,)),
              lax.div_p: (1.0, (1,))}
+# Which zero leaves a float unchanged, sign included: x + (-0.0) and x - (+0.0) are x for every
+# x, while x + 0.0 turns -0.0 into +0.0 (and 1 / x then flips from -inf to +inf).
+_NEUTRAL_ZERO_IS_NEGATIVE = {lax.add_p: True, lax.sub_p: False}
+
+
+def _is_unit(eqn, a, unit) -> bool:
+    if not _is_literal(a, unit):
+        return False
+    wants_negative = _NEUTRAL_ZERO_IS_NEGATIVE.get(eqn.primitive)
+    if wants_negative is None or not jax.numpy.issubdtype(a.aval.dtype, jax.numpy.inexact):
+        return True
+    return bool(np.signbit(np.real(np.asarray(a.val)))) == wants_negative
 
 
 def _identity_operand(eqn):
@@ -157,7 +162,7 @@ def _identity_operand(eqn):
     out = eqn.outvars[0]
     for pos in positions:
         other = eqn.invars[1 - pos]
-        if _is_literal(eqn.invars[pos], unit) and isinstance(other, C.Var) and _same_type(other, out):
+        if _is_unit(eqn, eqn.invars[pos], unit) and isinstance(other, C.Var) and _same_type(other, out):
             return other
     return None
 
@@ -179,7 +184,8 @@ def _mean_form(eqn, state):
     if eqn.primitive is not lax.mul_p:
         return eqn
     x, c = eqn.invars
-    if not (_is_literal(c) and isinstance(x, C.Var) and c.val != 0):
+    if not (_is_literal(c) and isinstance(x, C.Var) and c.val != 0
+            and jax.numpy.issubdtype(c.aval.dtype, jax.numpy.floating)):
         return eqn
     src = state.source(x)
     if src is None or src.primitive is not lax.reduce_sum_p:

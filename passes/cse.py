@@ -1,8 +1,9 @@
 """Common-subexpression elimination within each region.
 
 Identical pure equations (same primitive, operands and parameters) are merged into the first.
-Effectful equations and `remat` equations asking for `prevent_cse` are never merged, and nothing
-is merged across region boundaries.
+Only primitives known to be pure are merged (`passes.purity`): stateful draws such as
+`rng_uniform`, effectful equations, unknown primitives and `remat` equations asking for
+`prevent_cse` never are, and nothing is merged across region boundaries.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from passes import _compat as C
 from passes.pipeline import Pass
+from passes.purity import is_pure
 
 
 def atom_key(a):
@@ -38,8 +40,8 @@ class CommonSubexpressionElimination(Pass):
                 eqn = eqn.replace(invars=[env.get(a, a) if isinstance(a, C.Var) else a
                                           for a in eqn.invars])
             pkey = None
-            if not eqn.effects and not (eqn.primitive is C.NESTED["remat"]
-                                        and eqn.params.get("prevent_cse", False)):
+            if is_pure(eqn) and not (eqn.primitive is C.NESTED["remat"]
+                                     and eqn.params.get("prevent_cse", False)):
                 pkey = _params_key(eqn.params)
             if pkey is not None:
                 key = (eqn.primitive, tuple(atom_key(a) for a in eqn.invars), pkey)

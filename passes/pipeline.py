@@ -26,6 +26,42 @@ class FixpointError(RuntimeError):
     """The pipeline kept changing the program past its iteration cap."""
 
 
+class MalformedProgramError(RewriteError):
+    """A pass left a variable used before (or without) its definition."""
+
+
+def _nested_jaxprs(eqn):
+    for value in eqn.params.values():
+        if C.is_jaxpr(value):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            yield from (v for v in value if C.is_jaxpr(v))
+
+
+def undefined_use(jaxpr) -> str | None:
+    """The first variable used before its definition, anywhere in `jaxpr`, or None.
+
+    A cheap linear walk (unlike `check_jaxpr`, no type checking), run after every pass that
+    changed the program, so a broken rewrite is caught and named rather than surfacing as a
+    `KeyError` deep inside evaluation.
+    """
+    body = C.open_jaxpr(jaxpr)
+    defined = set(body.constvars) | set(body.invars)
+    for eqn in body.eqns:
+        for a in eqn.invars:
+            if isinstance(a, C.Var) and a not in defined:
+                return f"{a} is used by `{eqn.primitive}` before it is defined"
+        for sub in _nested_jaxprs(eqn):
+            problem = undefined_use(sub)
+            if problem is not None:
+                return f"inside `{eqn.primitive}`: {problem}"
+        defined.update(eqn.outvars)
+    for a in body.outvars:
+        if isinstance(a, C.Var) and a not in defined:
+            return f"output {a} is never defined"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Rewrite:
     pass_name: str
@@ -75,6 +111,9 @@ class Context:
         self._sites_by_eqn[key] = (site, root_eqn)  # holding the eqn keeps its id unique
         return site
 
+    def known_sites(self) -> set[str]:
+        return {site for site, _ in self._sites_by_eqn.values()}
+
     def selected(self, site: str) -> bool:
         return self.sites is None or site in self.sites
 
@@ -100,8 +139,8 @@ class Pass:
     """
 
     name: str = "pass"
-    # Whether a change by this pass counts as a rewrite in the report (clean-ups do not list
-    # every folded constant).
+    # Whether the pass records each change as a rewrite with a site (rule passes); otherwise the
+    # pipeline counts the changes it reports (clean-ups do not list every folded constant).
     reports_sites: bool = False
 
     def run(self, region: Region, ctx: Context) -> int:
@@ -287,6 +326,9 @@ class Pipeline:
         self.check = (os.environ.get(CHECK_ENV) == "1") if check is None else check
         self.dump_dir = None if dump_dir is None else pathlib.Path(dump_dir)
         env_sites = _env_list(SITES_ENV)
+        # Sites named here must exist in the program; the environment switch holds for a whole
+        # run, across programs that may lack some of them.
+        self.named_sites = None if sites is None else frozenset(sites)
         self.sites = None if sites is None and not env_sites else frozenset(sites or ()) | frozenset(env_sites)
         self.debug = debug
 
@@ -297,7 +339,8 @@ class Pipeline:
     def replace(self, **changes) -> "Pipeline":
         """A copy with some constructor arguments changed."""
         kw = dict(passes=self.passes, max_iterations=self.max_iterations, check=self.check,
-                  dump_dir=self.dump_dir, disable=self.disable, sites=self.sites, debug=self.debug)
+                  dump_dir=self.dump_dir, disable=self.disable, sites=self.named_sites,
+                  debug=self.debug)
         kw.update(changes)
         return Pipeline(kw.pop("passes"), **kw)
 
@@ -310,6 +353,9 @@ class Pipeline:
         (self.dump_dir / f"{tag}.txt").write_text(str(jaxpr))
 
     def _after_change(self, p, jaxpr, step):
+        problem = undefined_use(jaxpr)
+        if problem is not None:
+            raise MalformedProgramError(f"pass {p.name!r} produced an invalid program: {problem}")
         if self.check:
             try:
                 C.check_jaxpr(C.open_jaxpr(jaxpr))
@@ -317,6 +363,15 @@ class Pipeline:
                 raise RewriteError(f"pass {p.name!r} produced an invalid program: {e}") from e
         if self.dump_dir is not None:
             self._dump(jaxpr, f"{step:02d}_{p.name}")
+
+    def _check_named_sites(self, ctx):
+        if not self.named_sites:
+            return
+        unknown = self.named_sites - ctx.known_sites()
+        if unknown:
+            raise ValueError(f"Pipeline(sites=...) names {sorted(unknown)}, which match nothing "
+                             f"in this program; its sites are {sorted(ctx.known_sites())} (see "
+                             f"passes.explain(...).rewrites and .declined)")
 
     def run(self, jaxpr, ctx: Context | None = None):
         """Rewrite a (closed) jaxpr. Returns (new jaxpr, Context)."""
@@ -336,10 +391,13 @@ class Pipeline:
                 ctx.times[p.name] = ctx.times.get(p.name, 0.0) + time.perf_counter() - t0
                 last_run[p.name] = step  # a pass that changed the program runs again
                 if n:
+                    if not p.reports_sites:  # clean-ups count the equations they changed
+                        ctx.counts[p.name] = ctx.counts.get(p.name, 0) + n
                     changed_by.append(p.name)
                     step += 1
                     self._after_change(p, jaxpr, step)
             if not changed_by:
+                self._check_named_sites(ctx)
                 return jaxpr, ctx
         raise FixpointError(
             f"the pipeline still changed the program after {self.max_iterations} rounds; in the "
