@@ -36,10 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _dispatch
-from pallas_kernels.cross_entropy import linear_cross_entropy_op, softmax_cross_entropy_op
+from pallas_kernels.linear_cross_entropy import linear_cross_entropy_op
 from pallas_kernels.dense_act import dense_act_op, gated_dense_op
 from pallas_kernels.layer_norm import layer_norm_op
 from pallas_kernels.rms_norm import rms_norm_op
+from pallas_kernels.softmax_cross_entropy import softmax_cross_entropy_op
 
 try:
     from pallas_kernels.attention import attention_op

@@ -20,8 +20,9 @@ from jax.extend import core as jex_core
 from pallas_kernels import _dispatch
 from pallas_kernels.attention import AttentionConfig, attention, pallas_attention
 
-# The package re-exports the function `attention`, which shadows the submodule's name.
-attention_module = importlib.import_module("pallas_kernels.attention")
+# `pallas_kernels.attention` names the function, which shadows the package; import the kernels'
+# module by its full name.
+attention_module = importlib.import_module("pallas_kernels.attention.triton")
 
 # Blocks of 16 everywhere except where a kernel pair must cope with differing block sizes.
 SMALL = AttentionConfig(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16, block_q_dq=16,

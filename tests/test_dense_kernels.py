@@ -156,7 +156,8 @@ def test_bad_arguments_are_explained():
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_kernels_lower_through_triton(monkeypatch, activation):
     """The GPU path: forward and backward go through Pallas's Triton lowering (no GPU needed)."""
-    monkeypatch.setattr(sys.modules["pallas_kernels.dense_act"], "interpret_mode", lambda: False)
+    monkeypatch.setattr(sys.modules["pallas_kernels.dense_act.triton"], "interpret_mode",
+                        lambda: False)
     S = jax.ShapeDtypeStruct
     x, w, b = S((2, 500, 768), jnp.bfloat16), S((768, 3072), jnp.bfloat16), S((3072,), jnp.bfloat16)
     w_odd = S((768, 1000), jnp.bfloat16)

@@ -108,7 +108,8 @@ def test_real_kernel_that_fails_to_lower_falls_back(monkeypatch):
     # Make the LayerNorm kernels build for compiled mode on this CPU: they trace, then fail to
     # lower, as a kernel broken by a JAX upgrade would.
     import sys
-    monkeypatch.setattr(sys.modules["pallas_kernels.layer_norm"], "interpret_mode", lambda: False)
+    monkeypatch.setattr(sys.modules["pallas_kernels.layer_norm.triton"], "interpret_mode",
+                        lambda: False)
     _dispatch.clear_caches()
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 11)), jnp.float32)
     try:

@@ -171,7 +171,8 @@ def test_cpu_default_is_xla():
                                   "rms_norm_13_no_scale"])
 def test_kernels_lower_through_triton(monkeypatch, case):
     """The GPU path: forward and backward go through Pallas's Triton lowering (no GPU needed)."""
-    monkeypatch.setattr(sys.modules["pallas_kernels.layer_norm"], "interpret_mode", lambda: False)
+    monkeypatch.setattr(sys.modules["pallas_kernels.layer_norm.triton"], "interpret_mode",
+                        lambda: False)
     S = jax.ShapeDtypeStruct
     fn, args = {
         "layer_norm_768_bf16_f32_params": (

@@ -1,27 +1,17 @@
-"""Attention: flash attention in Pallas (forward and backward), cuDNN, and the XLA reference.
+"""Flash attention in Pallas for GPUs (Triton): forward and backward kernels, their wrappers, the
+custom_vjp wiring and the "pallas" implementation of `attention`.
 
-`attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, implementation=None)`
-computes softmax(scale * q k^T + bias, masked) v with the layout of
-`jax.nn.dot_product_attention`: q (batch, q_seq, heads, head_dim), k and v
-(batch, kv_seq, kv_heads, head_dim) with heads % kv_heads == 0 (grouped-query attention).
-`mask` (bool, True = keep) and `bias` (added to the scaled logits) broadcast to
-(batch, heads, q_seq, kv_seq). With `causal` the diagonal is aligned at the end: query i sees
-key j iff j <= i + kv_seq - q_seq. A query whose keys are all masked gets zeros (and passes zero
-gradients). Softmax statistics are float32; the output has q's dtype. `bias` is differentiable
-and its gradient has bias's own shape.
-
-The Pallas implementation is flash attention (Dao et al., 2022; FlashAttention-2, 2023): the
-forward kernel keeps a running max and sum over key blocks and writes the output and the
-log-sum-exp; the backward recomputes probabilities from the log-sum-exp in a dK/dV kernel (one
-program per key block, looping over the query heads of its GQA group, so no atomics) and a
-separate dQ kernel. Causal programs skip the key blocks above the diagonal and mask only the
-blocks that cross it. Sequences are padded to the block sizes internally and the padding masked.
-Logits are kept in base 2 inside the kernels (scale * log2(e) folded in), so the softmax uses
-exp2; the saved log-sum-exp is in base 2 as well.
+The forward kernel (Dao et al., 2022; FlashAttention-2, 2023) keeps a running max and sum over key
+blocks and writes the output and the softmax statistics; the backward recomputes probabilities
+from them in a dK/dV kernel (one program per key block, looping over the query heads of its GQA
+group, so no atomics) and a separate dQ kernel. Causal programs skip the key blocks above the
+diagonal and mask only the blocks that cross it. Sequences are padded to the block sizes
+internally and the padding masked. Logits are kept in base 2 inside the kernels (scale * log2(e)
+folded in), so the softmax uses exp2; the saved statistics are in base 2 as well.
 
 File layout: config, forward kernel, forward wrapper, backward kernels, backward wrapper,
-custom_vjp wiring, the jnp reference, the implementations and the public function. Choosing an
-implementation, the first-use lowering check and config tuning live in `_dispatch`.
+custom_vjp wiring and the implementation. Choosing an implementation, the first-use lowering
+check and config tuning live in `_dispatch`.
 """
 from __future__ import annotations
 
@@ -35,7 +25,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _pallas_compat as compat
-from pallas_kernels._dispatch import Op, interpret_mode, tuned_config
+from pallas_kernels import _tiles
+from pallas_kernels._dispatch import interpret_mode, tuned_config
+from pallas_kernels.attention.common import canonicalize
 
 LOG2E = 1.4426950408889634
 _F32 = jnp.float32
@@ -310,11 +302,7 @@ def _fwd_kernel(*refs, plan: _Plan):
         k0 = pl.multiple_of(j * bk, bk)
         k, v, s = _row_block_logits(plan, q, q0, k0, (bq, bk), k_ref, v_ref, mask_ref,
                                     bias_ref, qk_scale, structural)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp2(s - shift[:, None])
-        alpha = jnp.exp2(m - shift)
+        m_new, alpha, p = _tiles.online_softmax_step(m, s, exp=jnp.exp2)
         l = l * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot_nn(p.astype(v.dtype), v)
         return m_new, l, acc
@@ -647,50 +635,7 @@ def _flash_attention(q, k, v, mask, bias, *, causal, scale, config, interpret):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference (jnp): the "xla" implementation and the semantics every implementation follows
-
-
-def _grouped(x, kv_heads: int, group: int):
-    """(b, heads|1, q, k) -> (b, kv_heads|1, group|1, q, k), matching q's (kv_head, group) split."""
-    if x.shape[1] == 1:
-        return x[:, :, None]
-    return x.reshape(x.shape[0], kv_heads, group, *x.shape[2:])
-
-
-def attention_reference(q, k, v, *, causal=False, mask=None, bias=None, scale=None):
-    """Plain jnp attention with the semantics of `attention` (mask and bias already 4-D).
-
-    Logits and softmax in float32 (float64 for float64 inputs); rows without keys give zeros.
-    """
-    B, q_len, H, D = q.shape
-    kv_len, Hkv = k.shape[1], k.shape[2]
-    group = H // Hkv
-    scale = D ** -0.5 if scale is None else scale
-    acc = jnp.promote_types(q.dtype, _F32)
-    qg = q.reshape(B, q_len, Hkv, group, D)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=acc) * scale
-    if bias is not None:
-        s = s + _grouped(bias, Hkv, group).astype(acc)
-    keep = None if mask is None else _grouped(mask, Hkv, group)
-    if causal:
-        rows = jnp.arange(q_len)[:, None]
-        cols = jnp.arange(kv_len)[None, :]
-        tri = cols <= rows + (kv_len - q_len)
-        keep = tri if keep is None else keep & tri
-    if keep is not None:
-        s = jnp.where(keep, s, -jnp.inf)
-    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m))
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(l == 0.0, 1.0, l)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=acc)
-    return out.reshape(B, q_len, H, D).astype(q.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Implementations and the public function
-
-attention_op = Op("attention")
+# The implementation
 
 
 def _unsupported_by_kernel(q, k) -> str | None:
@@ -703,7 +648,6 @@ def _unsupported_by_kernel(q, k) -> str | None:
     return None
 
 
-@attention_op.register("pallas")
 def pallas_attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
                      config: AttentionConfig | None = None):
     """The Pallas flash-attention implementation (same arguments as `attention`).
@@ -713,7 +657,7 @@ def pallas_attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
     does not take. Through `attention(..., implementation="pallas")` the kernels are also lowered
     and compiled once per signature first, and a failure there declines the call.
     """
-    q, k, v, mask, bias, scale = _canonicalize(q, k, v, mask, bias, scale)
+    q, k, v, mask, bias, scale = canonicalize(q, k, v, mask, bias, scale)
     reason = _unsupported_by_kernel(q, k)
     if reason is not None:
         raise NotImplementedError(reason)
@@ -727,104 +671,3 @@ def pallas_attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
             heuristic_config(q_len, kv_len, head_dim, interpret=interpret))
     return _flash_attention(q, k, v, mask, bias, causal=bool(causal), scale=scale, config=config,
                             interpret=interpret)
-
-
-@attention_op.register("cudnn", check_lowering=True)
-def _attention_cudnn(q, k, v, *, causal, mask, bias, scale):
-    """cuDNN flash attention through `jax.nn.dot_product_attention`, for the cases whose
-    semantics match this op's exactly."""
-    platform = jax.default_backend()
-    if platform not in ("gpu", "cuda"):
-        raise NotImplementedError(f"needs an NVIDIA GPU, the backend is {platform}")
-    if q.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise NotImplementedError(f"cuDNN flash attention takes bfloat16/float16, not {q.dtype}")
-    if mask is not None or bias is not None:
-        raise NotImplementedError(
-            "masks and biases are not routed to cuDNN, whose output for rows without "
-            "keys is not the zeros this op promises")
-    if causal and q.shape[1] != k.shape[1]:
-        raise NotImplementedError(
-            "cuDNN's causal mask aligns the diagonal at the start; this op aligns it at the "
-            "end when q_seq != kv_seq")
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                        implementation="cudnn")
-
-
-@attention_op.register("xla")
-def _attention_xla(q, k, v, *, causal, mask, bias, scale):
-    return attention_reference(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale)
-
-
-def _as_4d(x, name: str, target: tuple[int, int, int, int]):
-    if x.ndim > 4:
-        raise ValueError(f"attention: {name} has {x.ndim} dims; it must broadcast to "
-                         f"(batch, heads, q_seq, kv_seq) = {target}")
-    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
-    for size, want, axis in zip(x.shape, target, ("batch", "heads", "q_seq", "kv_seq")):
-        if size not in (1, want):
-            raise ValueError(
-                f"attention: {name} of shape {x.shape} does not broadcast to (batch, heads, "
-                f"q_seq, kv_seq) = {target}: its {axis} axis is {size}, expected 1 or {want}")
-    return x
-
-
-def _canonicalize(q, k, v, mask, bias, scale):
-    """Check shapes and dtypes; mask and bias become 4-D, scale a Python float."""
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(
-                f"attention: {name} must be (batch, seq, heads, head_dim), got shape {x.shape}; "
-                "add a batch axis with x[None] for unbatched inputs")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"attention: {name} must be floating point, got {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}; cast them to one (e.g. the compute dtype)")
-    if k.shape != v.shape:
-        raise ValueError(f"attention: k and v shapes differ: {k.shape} vs {v.shape}")
-    B, q_len, H, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"attention: q {q.shape} and k {k.shape} must agree on batch and head_dim")
-    if H % k.shape[2] != 0:
-        raise ValueError(f"attention: q heads ({H}) must be a multiple of k/v heads "
-                         f"({k.shape[2]}) for grouped-query attention")
-    target = (B, H, q_len, k.shape[1])
-    if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"attention: mask must be boolean (True = keep), got {mask.dtype}; "
-                            "pass additive masks as bias")
-        mask = _as_4d(mask, "mask", target)
-    if bias is not None:
-        bias = jnp.asarray(bias)
-        if not jnp.issubdtype(bias.dtype, jnp.floating):
-            raise TypeError(f"attention: bias must be floating point, got {bias.dtype}")
-        bias = _as_4d(bias, "bias", target)
-    if scale is None:
-        scale = D ** -0.5
-    else:
-        try:
-            scale = float(scale)
-        except (TypeError, jax.errors.ConcretizationTypeError) as e:
-            raise TypeError("attention: scale must be a concrete number (it selects the kernel); "
-                            "to use a traced scale, multiply q by it and pass scale=1.0") from e
-    return q, k, v, mask, bias, scale
-
-
-def attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, implementation=None):
-    """Scaled dot-product attention; see the module docstring for the exact semantics.
-
-    Args:
-      q: (batch, q_seq, heads, head_dim). k, v: (batch, kv_seq, kv_heads, head_dim).
-      causal: query i sees key j iff j <= i + kv_seq - q_seq.
-      mask: bool, True = keep, broadcastable to (batch, heads, q_seq, kv_seq).
-      bias: float, added to the scaled logits, same broadcasting; differentiable.
-      scale: logit scale, default head_dim ** -0.5.
-      implementation: None (pick), "pallas", "cudnn", "xla", or an ordered list of them.
-    Returns:
-      (batch, q_seq, heads, head_dim) in q's dtype.
-    """
-    q, k, v, mask, bias, scale = _canonicalize(q, k, v, mask, bias, scale)
-    return attention_op(q, k, v, causal=bool(causal), mask=mask, bias=bias, scale=scale,
-                        implementation=implementation)

@@ -1,7 +1,6 @@
-"""Dense layers with the activation in the matmul epilogue: `dense_act` and `gated_dense`.
-
-dense_act:   y = act(x @ w + b)
-gated_dense: y = act(x @ w_gate) * (x @ w_up)       (SwiGLU with "silu", GeGLU with "gelu_*")
+"""Dense layers with the activation in the matmul epilogue, in Pallas for GPUs (Triton): the
+kernels, their wrappers, the custom_vjp wiring and the "pallas" implementations of `dense_act`
+and `gated_dense`.
 
 Forward: a tiled matmul (f32 accumulator, loop over the contraction in `block_k` steps) whose
 epilogue adds the bias, applies the activation (and the gate) and, under differentiation, also
@@ -23,13 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _pallas_compat as compat
-from pallas_kernels._dispatch import Op, interpret_mode, tuned_config
-
-ACTIVATIONS = ("gelu_tanh", "gelu_erf", "relu", "silu", "identity")
-
-dense_act_op = Op("dense_act")
-gated_dense_op = Op("gated_dense")
+from pallas_kernels._dispatch import interpret_mode, tuned_config
+from pallas_kernels._tiles import bound, fit, load_tile, params, store_tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,19 +40,15 @@ class DenseConfig:
     num_stages: int = 3
 
 
-def _fit(dim: int, cap: int) -> int:
-    return max(16, min(cap, pl.next_power_of_2(dim)))
-
-
 def dense_config_heuristic(m: int, n: int, k: int) -> DenseConfig:
-    bm, bn, bk = _fit(m, 128), _fit(n, 128), _fit(k, 64)
+    bm, bn, bk = fit(m, 128), fit(n, 128), fit(k, 64)
     return DenseConfig(bm, bn, bk, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
 
 
 def dense_config_space(m: int, n: int, k: int) -> list[DenseConfig]:
     shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
               (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)]
-    fitted = {DenseConfig(_fit(m, bm), _fit(n, bn), _fit(k, bk), w, s)
+    fitted = {DenseConfig(fit(m, bm), fit(n, bn), fit(k, bk), w, s)
               for bm, bn, bk, w, s in shapes}
     return sorted(fitted, key=dataclasses.astuple)
 
@@ -139,39 +129,6 @@ def _saves_pre(kind: str, activation: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Masked tiles. A bound of None means the dimension divides into blocks and needs no mask.
-
-def _mask(row_ids, col_ids, row_bound, col_bound):
-    mask = None
-    if row_bound is not None:
-        mask = jnp.broadcast_to((row_ids < row_bound)[:, None], (row_ids.size, col_ids.size))
-    if col_bound is not None:
-        cols = jnp.broadcast_to((col_ids < col_bound)[None, :], (row_ids.size, col_ids.size))
-        mask = cols if mask is None else mask & cols
-    return mask
-
-
-def _load_tile(ref, row_ids, col_ids, row_bound, col_bound):
-    mask = _mask(row_ids, col_ids, row_bound, col_bound)
-    if mask is None:
-        return plgpu.load(ref)
-    return plgpu.load(ref, mask=mask, other=0)
-
-
-def _store_tile(ref, value, row_ids, col_ids, row_bound, col_bound):
-    plgpu.store(ref, value.astype(ref.dtype), mask=_mask(row_ids, col_ids, row_bound, col_bound))
-
-
-def _bound(dim: int, block: int):
-    return None if dim % block == 0 else dim
-
-
-def _params(config: DenseConfig):
-    return compat.gpu_compiler_params(num_warps=config.num_warps, num_stages=config.num_stages,
-                                      interpret=interpret_mode())
-
-
-# ----------------------------------------------------------------------------------------------
 # Forward kernel
 
 def _forward_kernel(*refs, kind, activation, n_weights, has_bias, n_pre, m, n, k, block_k):
@@ -182,15 +139,15 @@ def _forward_kernel(*refs, kind, activation, n_weights, has_bias, n_pre, m, n, k
     block_m, block_n = y_ref.shape
     rows = pl.program_id(0) * block_m + jnp.arange(block_m)
     cols = pl.program_id(1) * block_n + jnp.arange(block_n)
-    m_bound, n_bound, k_bound = _bound(m, block_m), _bound(n, block_n), _bound(k, block_k)
+    m_bound, n_bound, k_bound = bound(m, block_m), bound(n, block_n), bound(k, block_k)
 
     def step(s, accs):
         k0 = pl.multiple_of(s * block_k, block_k)
         depth = k0 + jnp.arange(block_k)
-        x = _load_tile(x_ref.at[:, pl.ds(k0, block_k)], rows, depth, m_bound, k_bound)
+        x = load_tile(x_ref.at[:, pl.ds(k0, block_k)], rows, depth, m_bound, k_bound)
         return tuple(
-            acc + jnp.dot(x, _load_tile(w_ref.at[pl.ds(k0, block_k), :], depth, cols, k_bound,
-                                        n_bound), preferred_element_type=jnp.float32)
+            acc + jnp.dot(x, load_tile(w_ref.at[pl.ds(k0, block_k), :], depth, cols, k_bound,
+                                       n_bound), preferred_element_type=jnp.float32)
             for acc, w_ref in zip(accs, w_refs))
 
     zeros = jnp.zeros((block_m, block_n), jnp.float32)
@@ -199,9 +156,9 @@ def _forward_kernel(*refs, kind, activation, n_weights, has_bias, n_pre, m, n, k
         bias_mask = None if n_bound is None else cols < n
         bias = plgpu.load(b_ref, mask=bias_mask, other=0 if bias_mask is not None else None)
         pre[0] = pre[0] + bias.astype(jnp.float32)[None, :]
-    _store_tile(y_ref, _epilogue(kind, activation, pre), rows, cols, m_bound, n_bound)
+    store_tile(y_ref, _epilogue(kind, activation, pre), rows, cols, m_bound, n_bound)
     for ref, value in zip(pre_refs, pre[:n_pre]):
-        _store_tile(ref, value, rows, cols, m_bound, n_bound)
+        store_tile(ref, value, rows, cols, m_bound, n_bound)
 
 
 # Forward wrapper
@@ -214,6 +171,7 @@ def dense_forward(kind: str, activation: str, x, weights, bias, out_dtype, confi
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     k_padded = pl.cdiv(k, bk) * bk
     n_pre = _saves_pre(kind, activation) if save_pre else 0
+    interpret = interpret_mode()
     operands = [x, *weights] + ([bias] if bias is not None else [])
     in_specs = ([pl.BlockSpec((bm, k_padded), lambda i, j: (i, 0))]
                 + [pl.BlockSpec((k_padded, bn), lambda i, j: (0, j))] * len(weights)
@@ -229,8 +187,8 @@ def dense_forward(kind: str, activation: str, x, weights, bias, out_dtype, confi
         grid=(pl.cdiv(m, bm), pl.cdiv(n, bn)),
         in_specs=in_specs,
         out_specs=[tile] * (1 + n_pre),
-        compiler_params=_params(config),
-        interpret=interpret_mode(),
+        compiler_params=params(config, interpret),
+        interpret=interpret,
         name=f"{kind}_fwd",
     )(*operands)
     return y, pre
@@ -245,11 +203,11 @@ def _pre_grad_kernel(dy_ref, *refs, kind, activation, n_pre, m, n):
     block_m, block_n = dy_ref.shape
     rows = pl.program_id(0) * block_m + jnp.arange(block_m)
     cols = pl.program_id(1) * block_n + jnp.arange(block_n)
-    bounds = (_bound(m, block_m), _bound(n, block_n))
-    dy = _load_tile(dy_ref, rows, cols, *bounds).astype(jnp.float32)
-    pre = [_load_tile(r, rows, cols, *bounds).astype(jnp.float32) for r in pre_refs]
+    bounds = (bound(m, block_m), bound(n, block_n))
+    dy = load_tile(dy_ref, rows, cols, *bounds).astype(jnp.float32)
+    pre = [load_tile(r, rows, cols, *bounds).astype(jnp.float32) for r in pre_refs]
     for ref, dz in zip(dz_refs, _epilogue_grad(kind, activation, dy, pre)):
-        _store_tile(ref, dz, rows, cols, *bounds)
+        store_tile(ref, dz, rows, cols, *bounds)
 
 
 def _grad_input_kernel(*refs, n_weights, m, n, k, block_k):
@@ -258,21 +216,21 @@ def _grad_input_kernel(*refs, n_weights, m, n, k, block_k):
     block_m, block_n = dx_ref.shape  # rows of x, columns of x (= rows of w)
     rows = pl.program_id(0) * block_m + jnp.arange(block_m)
     x_cols = pl.program_id(1) * block_n + jnp.arange(block_n)
-    m_bound, k_bound, n_bound = _bound(m, block_m), _bound(k, block_n), _bound(n, block_k)
+    m_bound, k_bound, n_bound = bound(m, block_m), bound(k, block_n), bound(n, block_k)
 
     def step(s, acc):
         n0 = pl.multiple_of(s * block_k, block_k)
         out_cols = n0 + jnp.arange(block_k)
         chunk = pl.ds(n0, block_k)
         for dz_ref, w_ref in zip(dz_refs, w_refs):
-            dz = _load_tile(dz_ref.at[:, chunk], rows, out_cols, m_bound, n_bound)
-            w = _load_tile(w_ref.at[:, chunk], x_cols, out_cols, k_bound, n_bound)
+            dz = load_tile(dz_ref.at[:, chunk], rows, out_cols, m_bound, n_bound)
+            w = load_tile(w_ref.at[:, chunk], x_cols, out_cols, k_bound, n_bound)
             acc = acc + lax.dot_general(dz, w, (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32)
         return acc
 
     acc = lax.fori_loop(0, pl.cdiv(n, block_k), step, jnp.zeros((block_m, block_n), jnp.float32))
-    _store_tile(dx_ref, acc, rows, x_cols, m_bound, k_bound)
+    store_tile(dx_ref, acc, rows, x_cols, m_bound, k_bound)
 
 
 def _grad_weights_kernel(*refs, n_weights, has_bias, m, n, k, block_k):
@@ -283,14 +241,14 @@ def _grad_weights_kernel(*refs, n_weights, has_bias, m, n, k, block_k):
     block_m, block_n = dw_refs[0].shape  # columns of x, columns of y
     x_cols = pl.program_id(0) * block_m + jnp.arange(block_m)
     out_cols = pl.program_id(1) * block_n + jnp.arange(block_n)
-    k_bound, n_bound, m_bound = _bound(k, block_m), _bound(n, block_n), _bound(m, block_k)
+    k_bound, n_bound, m_bound = bound(k, block_m), bound(n, block_n), bound(m, block_k)
 
     def step(s, accs):
         m0 = pl.multiple_of(s * block_k, block_k)
         rows = m0 + jnp.arange(block_k)
         chunk = pl.ds(m0, block_k)
-        x = _load_tile(x_ref.at[chunk, :], rows, x_cols, m_bound, k_bound)
-        dzs = [_load_tile(r.at[chunk, :], rows, out_cols, m_bound, n_bound) for r in dz_refs]
+        x = load_tile(x_ref.at[chunk, :], rows, x_cols, m_bound, k_bound)
+        dzs = [load_tile(r.at[chunk, :], rows, out_cols, m_bound, n_bound) for r in dz_refs]
         new = tuple(acc + lax.dot_general(x, dz, (((0,), (0,)), ((), ())),
                                           preferred_element_type=jnp.float32)
                     for acc, dz in zip(accs, dzs))
@@ -303,7 +261,7 @@ def _grad_weights_kernel(*refs, n_weights, has_bias, m, n, k, block_k):
         accs += (jnp.zeros((block_n,), jnp.float32),)
     accs = lax.fori_loop(0, pl.cdiv(m, block_k), step, accs)
     for dw_ref, acc in zip(dw_refs, accs):
-        _store_tile(dw_ref, acc, x_cols, out_cols, k_bound, n_bound)
+        store_tile(dw_ref, acc, x_cols, out_cols, k_bound, n_bound)
     if has_bias:
         @pl.when(pl.program_id(0) == 0)
         def _():
@@ -324,6 +282,7 @@ def dense_backward(kind: str, activation: str, x, weights, bias, pre, dy, config
     n = dy.shape[1]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     n_weights = len(weights)
+    interpret = interpret_mode()
     tile = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
     if kind == "dense" and activation == "identity":
         dzs = [dy]
@@ -335,8 +294,8 @@ def dense_backward(kind: str, activation: str, x, weights, bias, pre, dy, config
             grid=(pl.cdiv(m, bm), pl.cdiv(n, bn)),
             in_specs=[tile] * (1 + len(pre)),
             out_specs=[tile] * n_weights,
-            compiler_params=_params(config),
-            interpret=interpret_mode(),
+            compiler_params=params(config, interpret),
+            interpret=interpret,
             name=f"{kind}_bwd_dz",
         )(dy, *pre)
 
@@ -348,8 +307,8 @@ def dense_backward(kind: str, activation: str, x, weights, bias, pre, dy, config
         in_specs=[pl.BlockSpec((bm, n_padded), lambda i, j: (i, 0))] * n_weights
         + [pl.BlockSpec((bn, n_padded), lambda i, j: (j, 0))] * n_weights,
         out_specs=tile,
-        compiler_params=_params(config),
-        interpret=interpret_mode(),
+        compiler_params=params(config, interpret),
+        interpret=interpret,
         name=f"{kind}_bwd_dx",
     )(*dzs, *weights)
 
@@ -367,8 +326,8 @@ def dense_backward(kind: str, activation: str, x, weights, bias, pre, dy, config
         in_specs=[pl.BlockSpec((m_padded, bm), lambda i, j: (0, i))]
         + [pl.BlockSpec((m_padded, bn), lambda i, j: (0, j))] * n_weights,
         out_specs=out_specs,
-        compiler_params=_params(config),
-        interpret=interpret_mode(),
+        compiler_params=params(config, interpret),
+        interpret=interpret,
         name=f"{kind}_bwd_dw",
     )(x, *dzs)
     return dx, list(grads[:n_weights]), grads[n_weights] if bias is not None else None
@@ -426,7 +385,9 @@ def _flatten(x, weights):
     return x.reshape(-1, x.shape[-1]).astype(dtype), [w.astype(dtype) for w in weights]
 
 
-@dense_act_op.register("pallas")
+# ----------------------------------------------------------------------------------------------
+# The implementations
+
 def dense_act_pallas(x, w, b=None, *, activation: str, config: DenseConfig | None = None):
     """dense_act through the Pallas kernels; `config` fixes tile sizes (else tuned/heuristic)."""
     x2d, (w,) = _flatten(x, [w])
@@ -439,7 +400,6 @@ def dense_act_pallas(x, w, b=None, *, activation: str, config: DenseConfig | Non
     return y.reshape(*x.shape[:-1], n)
 
 
-@gated_dense_op.register("pallas")
 def gated_dense_pallas(x, w_gate, w_up, *, activation: str, config: DenseConfig | None = None):
     """gated_dense through the Pallas kernels; `config` fixes tile sizes (else tuned/heuristic)."""
     x2d, (w_gate, w_up) = _flatten(x, [w_gate, w_up])
@@ -450,100 +410,3 @@ def gated_dense_pallas(x, w_gate, w_up, *, activation: str, config: DenseConfig 
                               dense_config_space(m, n, k), dense_config_heuristic(m, n, k))
     y = _gated_dense_pallas(x2d, w_gate, w_up, activation, config)
     return y.reshape(*x.shape[:-1], n)
-
-
-_XLA_ACTIVATIONS = {
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_erf": functools.partial(jax.nn.gelu, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "identity": lambda z: z,
-}
-
-
-@dense_act_op.register("xla")
-def dense_act_xla(x, w, b=None, *, activation: str):
-    """The idiom as written, left to XLA (cuBLAS matmul, fused bias and activation)."""
-    y = x @ w
-    return _XLA_ACTIVATIONS[activation](y + b if b is not None else y)
-
-
-@gated_dense_op.register("xla")
-def gated_dense_xla(x, w_gate, w_up, *, activation: str):
-    """The idiom as written, left to XLA."""
-    return _XLA_ACTIVATIONS[activation](x @ w_gate) * (x @ w_up)
-
-
-def _check_activation(name: str, activation) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}; got {activation!r}")
-
-
-def _check_weight(name: str, x, wname: str, w) -> None:
-    if w.ndim != 2 or x.ndim < 1 or w.shape[0] != x.shape[-1]:
-        raise ValueError(f"{name}: {wname} must be [d_in, d_out] with d_in = x.shape[-1] = "
-                         f"{x.shape[-1] if x.ndim else None}; got x {tuple(x.shape)}, "
-                         f"{wname} {tuple(w.shape)}")
-
-
-def dense_act(x, w, b=None, *, activation: str, implementation=None):
-    """act(x @ w + b) with the bias and activation fused into the matmul.
-
-    Args:
-      x: [..., d_in]. w: [d_in, d_out]. b: optional [d_out].
-      activation: "gelu_tanh", "gelu_erf", "relu", "silu" or "identity".
-      implementation: None (choose), "pallas", "xla", or a list tried in order.
-
-    Returns:
-      [..., d_out] in the promoted dtype of x, w (and b).
-    """
-    _check_activation("dense_act", activation)
-    _check_weight("dense_act", x, "w", w)
-    if b is not None and tuple(b.shape) != (w.shape[1],):
-        raise ValueError(f"dense_act: b must have shape ({w.shape[1]},) (d_out); "
-                         f"got {tuple(b.shape)}")
-    return dense_act_op(x, w, b, activation=activation, implementation=implementation)
-
-
-def gated_dense(x, w_gate, w_up, *, activation: str, implementation=None):
-    """act(x @ w_gate) * (x @ w_up): SwiGLU ("silu") or GeGLU ("gelu_tanh", "gelu_erf").
-
-    Shazeer, "GLU Variants Improve Transformer" (2020).
-
-    Args:
-      x: [..., d_in]. w_gate, w_up: [d_in, d_ff].
-      activation: applied to the gate branch; one of the `dense_act` activations.
-      implementation: None (choose), "pallas", "xla", or a list tried in order.
-
-    Returns:
-      [..., d_ff] in the promoted dtype of x and the weights.
-    """
-    _check_activation("gated_dense", activation)
-    _check_weight("gated_dense", x, "w_gate", w_gate)
-    _check_weight("gated_dense", x, "w_up", w_up)
-    if w_gate.shape != w_up.shape:
-        raise ValueError(f"gated_dense: w_gate and w_up must have the same shape; got "
-                         f"{tuple(w_gate.shape)} and {tuple(w_up.shape)}")
-    return gated_dense_op(x, w_gate, w_up, activation=activation, implementation=implementation)
-
-
-_REFERENCE_ACTIVATIONS = {
-    "gelu_tanh": lambda z: 0.5 * z * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (z + 0.044715 * z**3))),
-    "gelu_erf": lambda z: 0.5 * z * (1 + jax.scipy.special.erf(z / jnp.sqrt(2.0))),
-    "relu": lambda z: jnp.where(z > 0, z, 0),
-    "silu": lambda z: z / (1 + jnp.exp(-z)),
-    "identity": lambda z: z,
-}
-
-
-def dense_act_reference(x, w, b=None, *, activation: str):
-    """The textbook formula in the inputs' own precision; the oracle for tests."""
-    z = jnp.matmul(x, w, precision=lax.Precision.HIGHEST)
-    return _REFERENCE_ACTIVATIONS[activation](z + b if b is not None else z)
-
-
-def gated_dense_reference(x, w_gate, w_up, *, activation: str):
-    """The textbook formula in the inputs' own precision; the oracle for tests."""
-    gate = jnp.matmul(x, w_gate, precision=lax.Precision.HIGHEST)
-    up = jnp.matmul(x, w_up, precision=lax.Precision.HIGHEST)
-    return _REFERENCE_ACTIVATIONS[activation](gate) * up

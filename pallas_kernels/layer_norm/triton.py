@@ -1,6 +1,7 @@
-"""LayerNorm over the last axis: Pallas forward and backward kernels, custom_vjp, XLA reference.
+"""LayerNorm and RMSNorm in Pallas for GPUs (Triton): forward and backward kernels, their
+wrappers, the custom_vjp wiring and the "pallas" implementation of `layer_norm`.
 
-The kernels here also serve RMSNorm (`centered=False`, see rms_norm.py): the two differ only in
+The kernels also serve RMSNorm (`centered=False`, see rms_norm/triton.py): the two differ only in
 whether the mean is subtracted.
 
 Forward: one program per block of rows; a row lives whole in registers (padded to a power of two
@@ -21,9 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _pallas_compat as compat
-from pallas_kernels._dispatch import Op, interpret_mode, tuned_config
-
-layer_norm_op = Op("layer_norm")
+from pallas_kernels._dispatch import interpret_mode, tuned_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +235,9 @@ def _layer_norm_pallas_bwd(eps, config, residuals, dy):
 _layer_norm_pallas.defvjp(_layer_norm_pallas_fwd, _layer_norm_pallas_bwd)
 
 
-@layer_norm_op.register("pallas")
+# ----------------------------------------------------------------------------------------------
+# The implementation
+
 def layer_norm_pallas(x, scale=None, bias=None, *, eps: float, config: NormConfig | None = None):
     """LayerNorm through the Pallas kernels; `config` fixes block sizes (else tuned/heuristic)."""
     if x.size == 0:
@@ -248,58 +249,3 @@ def layer_norm_pallas(x, scale=None, bias=None, *, eps: float, config: NormConfi
                               {"eps": eps}, norm_config_space(*x2d.shape),
                               norm_config_heuristic(*x2d.shape))
     return _layer_norm_pallas(x2d, scale, bias, float(eps), config).reshape(x.shape)
-
-
-@layer_norm_op.register("xla")
-def layer_norm_xla(x, scale=None, bias=None, *, eps: float):
-    """LayerNorm in jnp (statistics in float32), differentiated by JAX; XLA fuses it."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    centered = x32 - mean
-    y = centered * lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
-    if scale is not None:
-        y = y * scale.astype(jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
-def check_norm_arguments(name: str, x, params: dict) -> None:
-    """Raise ValueError unless every non-None entry of `params` has shape (x.shape[-1],)."""
-    if x.ndim < 1:
-        raise ValueError(f"{name}: x must have at least one axis (the one normalised); "
-                         f"got a scalar")
-    for pname, p in params.items():
-        if p is not None and tuple(p.shape) != (x.shape[-1],):
-            raise ValueError(f"{name}: {pname} must have shape ({x.shape[-1]},) to match the last "
-                             f"axis of x {tuple(x.shape)}; got {tuple(p.shape)}")
-
-
-def layer_norm(x, scale=None, bias=None, *, eps: float = 1e-5, implementation=None):
-    """LayerNorm over the last axis of `x`.
-
-    Ba, Kiros, Hinton, "Layer Normalization" (2016).
-
-    Args:
-      x: [..., features], any float dtype.
-      scale, bias: optional [features] arrays (may be float32 when x is bf16).
-      eps: added to the variance.
-      implementation: None (choose), "pallas", "xla", or a list tried in order.
-
-    Returns:
-      An array like x: (x - mean) / sqrt(var + eps) * scale + bias, statistics in float32.
-    """
-    check_norm_arguments("layer_norm", x, {"scale": scale, "bias": bias})
-    return layer_norm_op(x, scale, bias, eps=eps, implementation=implementation)
-
-
-def layer_norm_reference(x, scale=None, bias=None, *, eps: float = 1e-5):
-    """Textbook LayerNorm in the input's own precision; the oracle for tests."""
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
-    y = (x - mean) / jnp.sqrt(var + eps)
-    if scale is not None:
-        y = y * scale
-    if bias is not None:
-        y = y + bias
-    return y
