@@ -3,8 +3,10 @@ and backward kernels, an XLA implementation, and dispatch between them (see _dis
 
 One package per op (`attention/`, `layer_norm/`, `rms_norm/`, `dense_act/` with `gated_dense`,
 `softmax_cross_entropy/`, `linear_cross_entropy/`), one file per implementation inside it; the
-tile helpers the Triton kernels share are in `_tiles.py`.
+tile helpers the Triton kernels share are in `_tiles.py`. `Op` gives a kernel of your own the
+same dispatch: several implementations, chosen per call, with fallback.
 """
+from pallas_kernels._dispatch import Op as Op
 from pallas_kernels.attention import attention as attention
 from pallas_kernels.dense_act import dense_act as dense_act
 from pallas_kernels.dense_act import gated_dense as gated_dense
@@ -14,6 +16,7 @@ from pallas_kernels.rms_norm import rms_norm as rms_norm
 from pallas_kernels.softmax_cross_entropy import softmax_cross_entropy as softmax_cross_entropy
 
 __all__ = [
+    "Op",
     "attention",
     "layer_norm",
     "rms_norm",

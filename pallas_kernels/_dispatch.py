@@ -1,11 +1,11 @@
 """One op, several implementations: choose one, fall back on NotImplementedError, explain.
 
-Each op file creates an `Op` and registers its implementations in order of preference:
+Each op package creates an `Op` (public as `pallas_kernels.Op`) and registers its
+implementations in order of preference:
 
     attention_op = Op("attention")
-
-    @attention_op.register("xla")
-    def _attention_xla(q, k, v, *, causal, ...): ...
+    attention_op.register("pallas")(pallas_attention)
+    attention_op.register("xla")(attention_xla)
 
 and the public function calls `attention_op(q, k, v, causal=causal, implementation=implementation)`.
 
@@ -361,6 +361,40 @@ def tuned_config(what: str, run: Callable, args, kwargs, space: Sequence[Any], d
 
 @dataclasses.dataclass
 class Op:
+    """One operation, several implementations of it, and the choice between them per call.
+
+    Give your own kernel an XLA fallback by registering both on an `Op`, then call the op:
+
+        import jax
+        import jax.numpy as jnp
+        from jax.experimental import pallas as pl
+        import pallas_kernels
+
+        scale = pallas_kernels.Op("scale")
+
+        @scale.register("pallas")
+        def scale_pallas(x, *, factor):
+            if x.ndim != 1:
+                raise NotImplementedError("the kernel takes vectors")  # declines the call
+            def kernel(x_ref, o_ref):
+                o_ref[...] = x_ref[...] * factor
+            return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                  interpret=jax.default_backend() == "cpu")(x)
+
+        @scale.register("xla")
+        def scale_xla(x, *, factor):
+            return x * factor
+
+        y = scale(jnp.arange(4.0), factor=2.0, implementation=["pallas", "xla"])
+
+    Implementations are named from `IMPLEMENTATIONS` ("pallas", "cudnn", "xla") and registered
+    in order of preference; array arguments are positional or keyword, everything else is
+    static. `implementation` at the call is a name (that one only: its NotImplementedError is
+    the error), a list tried in order (a NotImplementedError moves on to the next, and the final
+    error lists every reason), or None: "xla" on a CPU, the fastest by measured time on a GPU.
+    A "pallas" implementation is also lowered (and on a GPU compiled), forward and backward, on
+    its own the first time each signature is seen; a failure there declines the call.
+    """
     name: str
     impls: dict[str, Callable] = dataclasses.field(default_factory=dict)
     # Hook for GPU selection: (op, args, kwargs) -> ordered implementation names.

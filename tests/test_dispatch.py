@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
+import pallas_kernels
 from pallas_kernels import _dispatch, layer_norm
 from pallas_kernels._dispatch import Op
 
@@ -82,6 +84,39 @@ def test_unknown_names_are_rejected():
         op(jnp.ones(2), implementation=[])
     with pytest.raises(ValueError, match="unknown implementation 'mosaic'"):
         op.register("mosaic")
+
+
+def _op_docstring_example() -> dict:
+    """Run the example in `pallas_kernels.Op`'s docstring; return the names it defines."""
+    doc = textwrap.dedent(pallas_kernels.Op.__doc__.split("\n", 1)[1])
+    block = doc.split("\n\n", 1)[1].split("\n\nImplementations are named", 1)[0]
+    namespace = {}
+    exec(textwrap.dedent(block), namespace)
+    return namespace
+
+
+def test_op_is_public_and_its_docstring_example_registers_a_users_kernel():
+    assert "Op" in pallas_kernels.__all__ and pallas_kernels.Op is Op
+    example = _op_docstring_example()
+    scale, x = example["scale"], jnp.arange(4.0)
+    np.testing.assert_array_equal(example["y"], 2.0 * x)
+    assert list(scale.impls) == ["pallas", "xla"] and "pallas" in scale.checked
+
+    pinned = jax.make_jaxpr(lambda x: scale(x, factor=3.0, implementation="pallas"))(x)
+    assert "pallas_call" in str(pinned)
+    np.testing.assert_array_equal(scale(x, factor=3.0, implementation="pallas"), 3.0 * x)
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda x: scale(x, factor=3.0))(x))
+
+    matrix = jnp.ones((2, 3))
+    with pytest.raises(NotImplementedError, match="pallas: the kernel takes vectors"):
+        scale(matrix, factor=2.0, implementation="pallas")
+    fallback = jax.make_jaxpr(
+        lambda m: scale(m, factor=2.0, implementation=["pallas", "xla"]))(matrix)
+    assert "pallas_call" not in str(fallback)
+    np.testing.assert_array_equal(scale(matrix, factor=2.0, implementation=["pallas", "xla"]),
+                                  2.0 * matrix)
+    with pytest.raises(ValueError, match="unknown implementation 'mine'"):
+        scale.register("mine")
 
 
 def test_lowering_failure_falls_back_with_the_compilers_message():
