@@ -42,16 +42,13 @@ import numpy as np
 from jax import lax
 
 from passes import _compat as C
-from passes.fusion._shared import constant_value, dot_dims, kernel, precision_problem
+from passes.fusion._masks import Decline as _Decline
+from passes.fusion._masks import (Masks, expand_compound, guard_rows, kernel_safe_bias,
+                                  may_be_minus_inf, reshape_roles, rows_without_keys,
+                                  scalar_constant, trace_broadcast)
+from passes.fusion._shared import dot_dims, kernel, precision_problem
 from passes.pipeline import RulePass
 from passes.rewrite import FunctionRule, Match, NoMatch
-
-# A `where` fill counts as masking when it is -inf or at most this: exp(fill - row max) is then
-# zero (or far below float rounding) for any realistic logits, as the kernel's masking assumes.
-MASK_FILL_THRESHOLD = -1e4
-
-# Largest constant mask evaluated at rewrite time (elements); larger ones stay data masks.
-
 
 _RANDOM_PRIMITIVES = frozenset({"random_bits", "random_wrap", "random_seed", "random_unwrap",
                                 "threefry2x32", "rng_bit_generator", "rng_uniform"})
@@ -67,10 +64,6 @@ def attention_pass(implementation=None) -> RulePass:
     rule = FunctionRule("softmax_attention", (lax.dot_general_p,),
                         functools.partial(match_attention, implementation=impl))
     return RulePass("attention", [rule])
-
-
-class _Decline(Exception):
-    """Raised inside the matcher once the idiom is certain but cannot be rewritten."""
 
 
 def match_attention(region, position, *, implementation=None):
@@ -112,32 +105,48 @@ class _Softmax:
 @dataclasses.dataclass
 class _Probabilities:
     softmax: _Softmax
-    positions: frozenset  # casts and transposes between the softmax and the value product
-    perm: tuple  # operand axis i of the value product is softmax-output axis perm[i]
+    positions: frozenset  # casts, transposes and reshapes between the softmax and the product
+    steps: tuple  # those equations, from the softmax forward
+
+    def operand_roles(self, roles, sizes):
+        """Roles of the value-product operand's axes from those of the softmax output."""
+        return walk_roles(self.steps, roles, sizes)
+
+
+def walk_roles(eqns, roles, sizes):
+    """Axis roles carried forward through transposes and reshapes (None: a reshape that does not
+    merge or split whole roles)."""
+    roles = list(roles)
+    for eqn in eqns:
+        if eqn.primitive is lax.transpose_p:
+            roles = [roles[int(p)] for p in eqn.params["permutation"]]
+        elif eqn.primitive is lax.reshape_p:
+            roles = reshape_roles(roles, eqn.outvars[0].aval.shape, sizes)
+            if roles is None:
+                return None
+    return roles
 
 
 def _probabilities(region, var):
-    """The softmax behind a value-product operand, through casts and transposes.
+    """The softmax behind a value-product operand, through casts, transposes and reshapes.
 
     Returns `_Probabilities`, a NoMatch, or a decline reason (str) when a softmax is there but
     its probabilities are changed (dropout) before the product.
     """
-    positions, perm = set(), None
+    positions, steps = set(), []
     while True:
         sm = match_softmax(region, var)
         if sm:
-            n = len(var.aval.shape)
-            return _Probabilities(sm, frozenset(positions),
-                                  tuple(range(n)) if perm is None else perm)
+            return _Probabilities(sm, frozenset(positions), tuple(reversed(steps)))
         pos = region.producer(var)
         if pos is None:
             return NoMatch("operand is not computed from a softmax")
         eqn = region.eqns[pos]
         if eqn.primitive is lax.convert_element_type_p and _is_float(eqn.invars[0]):
             var = eqn.invars[0]
-        elif eqn.primitive is lax.transpose_p:
-            p = tuple(int(i) for i in eqn.params["permutation"])
-            perm = p if perm is None else tuple(p[i] for i in perm)
+        elif eqn.primitive is lax.transpose_p or (eqn.primitive is lax.reshape_p
+                                                   and not eqn.params.get("dimensions")):
+            steps.append(eqn)
             var = eqn.invars[0]
         elif eqn.primitive in (lax.mul_p, lax.div_p, lax.select_n_p):
             return _modified_probabilities(region, eqn, sm)
@@ -211,7 +220,7 @@ class AttentionPlan:
     causal: bool
     masks: tuple  # ((roles, invert), ...) for the mask inputs, in order
     biases: tuple  # ((roles, multiplier), ...) for the bias inputs, in order
-    masked_rows: str | None  # None, "nan" or "uniform": what rows without keys give
+    rows_without_keys: str  # "nan" or "uniform": what rows without keys give in the original
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,12 +252,12 @@ class _Matcher:
         dot_pos = chain[-1][0]
         dot = region.eqns[dot_pos]
         steps = list(reversed(chain[:-1]))  # forward order: dot -> softmax input
-        # Which logits axis the softmax reduces, through the chain's transposes.
-        src = list(range(len(dot.outvars[0].aval.shape)))
-        for pos, _ in steps:
-            eqn = region.eqns[pos]
-            if eqn.primitive is lax.transpose_p:
-                src = [src[int(p)] for p in eqn.params["permutation"]]
+        # Which logits axis the softmax reduces, through the chain's transposes and reshapes.
+        dot_shape = dot.outvars[0].aval.shape
+        src = walk_roles([region.eqns[pos] for pos, _ in steps], range(len(dot_shape)),
+                         dict(enumerate(int(n) for n in dot_shape)))
+        if src is None or not isinstance(src[sm.axis], int):
+            return NoMatch("the softmax axis is not one axis of the logits dot_general")
         lc, rc, lb, rb = dot_dims(dot)
         lhs, rhs = dot.invars
         nb = len(lb)
@@ -285,7 +294,9 @@ class _Matcher:
         problem = precision_problem(dot)
         if problem:
             raise _Decline(f"the logits dot_general has {problem}")
-        state = _ChainState(self, logit_roles, sizes)
+        if 0 in sizes.values():
+            raise _Decline(f"zero-size attention ({', '.join(f'{r}={n}' for r, n in sizes.items())})")
+        state = _ChainState(self, logit_roles, sizes, dot.outvars[0].aval.dtype)
         for pos, operand in steps:
             state.step(pos, operand)
         if state.roles[sm.axis] != "s":
@@ -296,7 +307,9 @@ class _Matcher:
     # -- the value product, q/k/v inputs, masks and the plan -----------------------------------
     def _finish(self, q, k, q_roles, k_roles, a_roles, t_roles, sizes, state, chain):
         region, root, probs = self.region, self.root, self.probs
-        p_roles = [state.roles[probs.perm[i]] for i in range(len(probs.perm))]
+        p_roles = probs.operand_roles(state.roles, sizes)
+        if p_roles is None:
+            return NoMatch("the probabilities are reshaped across roles before the value product")
         v = root.invars[1 - self.p_side]
         lc, rc, lb, rb = dot_dims(root)
         pc, vc = (lc, rc) if self.p_side == 0 else (rc, lc)
@@ -336,8 +349,11 @@ class _Matcher:
         heads = tuple(a_roles[-1:]) if len(a_roles) >= 2 else ()
         query, groups = (t_roles[0], tuple(t_roles[1:])) if t_roles else (None, ())
 
-        masks = _Masks(region, state, sizes)
+        masks = Masks(region, state, sizes)
         causal, query = masks.analyse(query, t_roles)
+        # Rows without keys: masked entirely, or -inf at every kept key (a bias, infinite q/k).
+        rows = rows_without_keys(state.fill_values(), masks.rows_may_be_empty or any(
+            may_be_minus_inf(region, a) for a, _, _ in state.biases))
         if query is not None:
             groups = tuple(r for r in t_roles if r != query)
         if heads and all(sizes[g] == 1 for g in groups):
@@ -372,12 +388,30 @@ class _Matcher:
             scale=float(state.scale * q_scale * k_scale), causal=causal,
             masks=tuple((roles, inv) for _, roles, inv in masks.terms),
             biases=tuple((roles, mult) for _, roles, mult in state.biases),
-            masked_rows=masks.masked_rows(state.fill))
+            rows_without_keys=rows)
         inputs = ((q_in, k_in, v_in) + tuple(a for a, _, _ in masks.terms)
                   + tuple(a for a, _, _ in state.biases))
+        _check_inputs_precede(region, inputs, eqns)
         return Match(root=self.position, eqns=frozenset(eqns), inputs=inputs,
                      outputs=(out_var,), replacement=_attention_replacement,
                      params={"plan": plan, "implementation": self.implementation})
+
+
+def _check_inputs_precede(region, inputs, eqns):
+    """Decline when an input is computed from the match itself (a bias or mask made from the
+    logits, say): the replacement would read a value it removes."""
+    first = min(eqns)
+    for atom in inputs:
+        stack, seen = [atom], set()
+        while stack:
+            pos = region.producer(stack.pop())
+            if pos is None or pos < first or pos in seen:
+                continue
+            if pos in eqns:
+                raise _Decline(f"{atom.aval.str_short()} handed to the kernel is computed from "
+                               f"the logits themselves (by `{region.eqns[pos].primitive}`)")
+            seen.add(pos)
+            stack.extend(a for a in region.eqns[pos].invars if isinstance(a, C.Var))
 
 
 def _logits_chains(region, var, depth=0):
@@ -395,7 +429,8 @@ def _logits_chains(region, var, depth=0):
     if prim is lax.dot_general_p:
         yield [(pos, None)]
         return
-    if prim in (lax.convert_element_type_p, lax.transpose_p, lax.tanh_p):
+    if prim in (lax.convert_element_type_p, lax.transpose_p, lax.tanh_p) or (
+            prim is lax.reshape_p and not eqn.params.get("dimensions")):
         if prim is lax.convert_element_type_p and not _is_float(eqn.invars[0]):
             return
         candidates = [0]
@@ -410,7 +445,8 @@ def _logits_chains(region, var, depth=0):
     out_shape = eqn.outvars[0].aval.shape
     for i in candidates:
         a = eqn.invars[i]
-        if not isinstance(a, C.Var) or (prim is not lax.transpose_p and a.aval.shape != out_shape):
+        if not isinstance(a, C.Var) or (prim not in (lax.transpose_p, lax.reshape_p)
+                                        and a.aval.shape != out_shape):
             continue
         for rest in _logits_chains(region, a, depth + 1):
             yield [(pos, i)] + rest
@@ -419,15 +455,16 @@ def _logits_chains(region, var, depth=0):
 class _ChainState:
     """Walks the logits chain forward, tracking roles, scale, biases and masks."""
 
-    def __init__(self, matcher, roles, sizes):
+    def __init__(self, matcher, roles, sizes, dtype):
         self.m = matcher
         self.region = matcher.region
         self.roles = list(roles)
         self.sizes = sizes
+        self.dtype = np.dtype(dtype)
         self.scale = 1.0
         self.biases = []  # (atom, roles, multiplier)
         self.mask_preds = []  # (atom, roles, invert)
-        self.fill = None  # python float of the where fill (after later scaling)
+        self.fills = []  # each `where` fill as the logits' dtype holds it after later steps
 
     def step(self, pos, operand):
         eqn = self.region.eqns[pos]
@@ -435,51 +472,74 @@ class _ChainState:
         others = [a for i, a in enumerate(eqn.invars) if i != operand]
         if prim is lax.transpose_p:
             self.roles = [self.roles[int(p)] for p in eqn.params["permutation"]]
+        elif prim is lax.reshape_p:
+            self.roles = reshape_roles(self.roles, eqn.outvars[0].aval.shape, self.sizes)
+            if self.roles is None:
+                raise _Decline("the logits are reshaped across axes the kernel keeps apart")
         elif prim is lax.convert_element_type_p:
-            pass
+            self.dtype = np.dtype(eqn.params["new_dtype"])
+            self._apply_to_fills(lambda f: f)
         elif prim is lax.tanh_p:
             raise _Decline("a logit soft cap (tanh) sits between the logits and the softmax; "
                            "the kernel has no soft cap")
         elif prim in (lax.mul_p, lax.div_p):
-            c = scalar_constant(self.region, others[0])
-            if c is None:
-                raise _Decline(f"the logits are scaled by a value that is not a scalar constant "
-                               f"(`{prim}` with {others[0].aval.str_short()}); the kernel's "
-                               f"scale is static")
-            if c == 0 or not math.isfinite(c):
-                raise _Decline(f"the logits are scaled by {c}")
-            factor = c if prim is lax.mul_p else 1.0 / c
-            if self.fill is not None:
-                if factor < 0:
-                    raise _Decline("masked logits are scaled by a negative factor")
-                self.fill *= factor
-            self.scale *= factor
-            self.biases = [(a, r, mult * factor) for a, r, mult in self.biases]
+            self._scale(prim, others[0])
+        elif prim in (lax.add_p, lax.sub_p) and others[0] is eqn.invars[operand]:
+            self._doubled(prim)
         elif prim in (lax.add_p, lax.sub_p):
-            if self.fill is not None:
+            if self.fills:
                 raise _Decline("a bias is added after the mask; the kernel adds the bias before "
                                "masking")
             atom, roles = trace_broadcast(self.region, others[0], self.roles, self.sizes,
                                           peel_casts=True)
             self.biases.append((atom, tuple(roles), 1.0 if prim is lax.add_p else -1.0))
         elif prim is lax.select_n_p:
-            pred = eqn.invars[0]
-            if pred.aval.dtype != np.bool_ or pred.aval.shape != eqn.outvars[0].aval.shape:
-                raise _Decline("a `where` whose condition is not a boolean array of the "
-                               "logits' shape")
-            fill_atom = eqn.invars[3 - operand]
-            fill = scalar_constant(self.region, fill_atom)
-            if fill is None:
-                raise _Decline("a `where` on the logits whose other branch is not a constant")
-            if not (fill == -math.inf or fill <= MASK_FILL_THRESHOLD):
-                raise _Decline(f"a `where` on the logits fills {fill:g}, which is not a mask "
-                               f"value (-inf or at most {MASK_FILL_THRESHOLD:g})")
-            if self.fill is not None and (self.fill == -math.inf) != (fill == -math.inf):
-                raise _Decline("two masks with different fill values (-inf and finite)")
-            self.fill = fill if self.fill is None else min(self.fill, fill)
-            self.mask_preds.append((pred, tuple(self.roles), operand == 1))
+            self._where(eqn, operand)
         else:
             raise _Decline(f"`{prim}` between the logits and the softmax")
+
+    def _scale(self, prim, other):
+        c = scalar_constant(self.region, other)
+        if c is None:
+            raise _Decline(f"the logits are scaled by a value that is not a scalar constant "
+                           f"(`{prim}` with {other.aval.str_short()}); the kernel's "
+                           f"scale is static")
+        if c == 0 or not math.isfinite(c):
+            raise _Decline(f"the logits are scaled by {c}")
+        factor = c if prim is lax.mul_p else 1.0 / c
+        if self.fills and factor < 0:
+            raise _Decline("masked logits are scaled by a negative factor")
+        c = np.asarray(c, self.dtype)
+        self._apply_to_fills(lambda f: f * c if prim is lax.mul_p else f / c)
+        self.scale *= factor
+        self.biases = [(a, r, mult * factor) for a, r, mult in self.biases]
+
+    def _doubled(self, prim):
+        """`x + x` is 2x; `x - x` is not attention."""
+        if prim is lax.sub_p:
+            raise _Decline("the logits minus themselves")
+        self._apply_to_fills(lambda f: f + f)
+        self.scale *= 2.0
+        self.biases = [(a, r, mult * 2.0) for a, r, mult in self.biases]
+
+    def _where(self, eqn, operand):
+        pred = eqn.invars[0]
+        if pred.aval.dtype != np.bool_ or pred.aval.shape != eqn.outvars[0].aval.shape:
+            raise _Decline("a `where` whose condition is not a boolean array of the "
+                           "logits' shape")
+        fill = scalar_constant(self.region, eqn.invars[3 - operand])
+        if fill is None:
+            raise _Decline("a `where` on the logits whose other branch is not a constant")
+        self.fills.append(np.asarray(fill, self.dtype))
+        self.mask_preds.append((pred, tuple(self.roles), operand == 1))
+
+    def _apply_to_fills(self, fn):
+        """Fills through a later step, rounded (and overflowing) as the program does."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.fills = [np.asarray(fn(f), self.dtype) for f in self.fills]
+
+    def fill_values(self):
+        return [float(f) for f in self.fills]
 
 
 def _peel_scale(region, var):
@@ -533,167 +593,6 @@ def _unrepeat(region, var, axis):
     return None
 
 
-class _Masks:
-    """The `where` masks of a match: causal detection, declines, the kernel's mask inputs."""
-
-    def __init__(self, region, state, sizes):
-        self.region, self.state, self.sizes = region, state, sizes
-        self.terms = []  # (atom, roles, invert) handed to the kernel as `mask`
-        self.rows_may_be_empty = False
-
-    def analyse(self, query, t_roles):
-        """(causal, query role). Fills `terms`; raises _Decline for masks the kernel refuses."""
-        leaves = []
-        for pred, roles, invert in self.state.mask_preds:
-            leaves.extend(mask_leaves(self.region, pred, roles, self.sizes, invert))
-        if not leaves:
-            return False, query
-        constant, data = [], []
-        for atom, roles, invert in leaves:
-            value = constant_value(self.region, atom)
-            if value is None:
-                self._check_data_mask(atom)
-                data.append((atom, roles, invert))
-            else:
-                constant.append((atom, roles, invert, value))
-        causal = False
-        if constant:
-            combined = self._role_space([(r, ~v if inv else v) for _, r, inv, v in constant])
-            if not combined.all():
-                found = self._causal_role(combined, t_roles)
-                if found is not None:
-                    causal, query = True, found
-                else:
-                    self._check_window(combined, t_roles)
-                    data.extend((a, r, inv) for a, r, inv, _ in constant)
-                    if not combined.any(axis=-1).all():
-                        self.rows_may_be_empty = True
-        if data:
-            self.rows_may_be_empty = True
-        self.terms = data
-        return causal, query
-
-    def masked_rows(self, fill):
-        if not self.rows_may_be_empty:
-            return None
-        return "nan" if fill == -math.inf else "uniform"
-
-    def _order(self):
-        """The canonical role order of the logits: shared axes, query axes, keys."""
-        def numbered(prefix):
-            return sorted((r for r in self.sizes if r[0] == prefix and r[1:].isdigit()),
-                          key=lambda r: int(r[1:]))
-        return numbered("a") + numbered("t") + ["s"]
-
-    def _role_space(self, arrays):
-        order = self._order()
-        out = np.ones([1] * len(order), dtype=bool)
-        for roles, value in arrays:
-            out = out & _to_role_space(np.asarray(value, dtype=bool), roles, order)
-        return out
-
-    def _causal_role(self, combined, t_roles):
-        """The query role along which the constant mask is the causal triangle, if any."""
-        order = self._order()
-        squeezed = _constant_along(combined, order, keep=[r for r in order
-                                                          if r == "s" or r.startswith("t")])
-        if squeezed is None:
-            return None
-        varying = [r for i, r in enumerate(order) if r.startswith("t") and squeezed.shape[i] > 1]
-        if len(varying) != 1:
-            return None
-        role = varying[0]
-        T, S = self.sizes[role], self.sizes["s"]
-        if T > S:
-            return None
-        tri = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
-        return role if np.array_equal(_square(squeezed, order, role, T, S), tri) else None
-
-    def _check_window(self, combined, t_roles):
-        """Decline a constant band mask: each query sees a fixed window around its diagonal."""
-        order = self._order()
-        for role in t_roles:
-            T, S = self.sizes[role], self.sizes["s"]
-            squeezed = _constant_along(combined, order, keep=[role, "s"])
-            if T < 2 or squeezed is None:
-                continue
-            grid = _square(squeezed, order, role, T, S)
-            rows = grid.any(axis=1)
-            if not rows.any() or grid.all():
-                continue
-            rel = np.arange(S)[None, :] - np.arange(T)[:, None] - (S - T)  # key - diagonal
-            first = np.argmax(grid, axis=1) - np.arange(T) - (S - T)
-            last = S - 1 - np.argmax(grid[:, ::-1], axis=1) - np.arange(T) - (S - T)
-            lo, hi = int(first[rows].min()), int(last[rows].max())
-            # A window bounds both sides: the last query misses key 0 and the first query
-            # misses the last key (a causal or anti-causal triangle bounds only one side).
-            if lo > -(S - 1) and hi < T - 1 and np.array_equal(grid, (rel >= lo) & (rel <= hi)):
-                raise _Decline(f"a sliding-window mask (keys {lo:+d}..{hi:+d} around the "
-                               f"diagonal); the kernel has no sliding window")
-
-    def _check_data_mask(self, atom):
-        eqn = self.region.producer_eqn(atom)
-        if eqn is None or eqn.primitive not in (lax.eq_p, lax.ne_p):
-            return
-        a, b = eqn.invars
-        if all(isinstance(x, C.Var) and jnp.issubdtype(x.aval.dtype, jnp.integer)
-               and constant_value(self.region, x) is None for x in (a, b)):
-            raise _Decline("a segment-id mask (equality of two integer arrays); the kernel "
-                           "takes no segment ids")
-
-
-def _constant_along(arr, order, keep):
-    """`arr` with every role outside `keep` collapsed to one entry, or None if it varies there."""
-    for i, r in enumerate(order):
-        if r not in keep and arr.shape[i] > 1:
-            first = np.take(arr, [0], axis=i)
-            if not (arr == first).all():
-                return None
-            arr = first
-    return arr
-
-
-def _square(arr, order, role, T, S):
-    """The (T, S) grid of a role-space mask that varies at most along `role` and keys."""
-    idx = tuple(slice(None) if r in (role, "s") else 0 for r in order)
-    return np.broadcast_to(arr[idx], (T, S))
-
-
-def _to_role_space(value, roles, order):
-    """A mask with axes labelled `roles` (None: unit) as an array over `order` (unit where absent)."""
-    keep = [i for i, r in enumerate(roles) if r is not None]
-    value = value.reshape([value.shape[i] for i in keep]) if len(keep) != value.ndim else value
-    labels = [roles[i] for i in keep]
-    present = [r for r in order if r in labels]
-    value = np.transpose(value, [labels.index(r) for r in present])
-    return value.reshape([value.shape[present.index(r)] if r in present else 1 for r in order])
-
-
-def mask_leaves(region, pred, roles, sizes, invert=False):
-    """The conjunction factors of a boolean mask: [(atom, roles, invert)], broadcasts peeled."""
-    atom, base_roles = trace_broadcast(region, pred, roles, sizes)
-    eqn = region.producer_eqn(atom)
-    if eqn is not None:
-        if eqn.primitive is lax.not_p:
-            return mask_leaves(region, eqn.invars[0], base_roles, sizes, not invert)
-        if (eqn.primitive is lax.and_p and not invert) or (eqn.primitive is lax.or_p and invert):
-            return [leaf for a in eqn.invars
-                    for leaf in mask_leaves(region, a, base_roles, sizes, invert)]
-        if eqn.primitive is lax.ne_p and scalar_constant(region, eqn.invars[1]) == 0:
-            inner = region.producer_eqn(eqn.invars[0])
-            if (inner is not None and inner.primitive is lax.convert_element_type_p
-                    and inner.invars[0].aval.dtype == np.bool_):
-                return mask_leaves(region, inner.invars[0], base_roles, sizes, invert)
-        if (eqn.primitive is lax.convert_element_type_p and eqn.invars[0].aval.dtype != np.bool_
-                and isinstance(eqn.invars[0], C.Var)):
-            # bool(x) of a float 0/1 mask (flax's masks are float): x != 0
-            src = region.producer_eqn(eqn.invars[0])
-            if (src is not None and src.primitive is lax.convert_element_type_p
-                    and src.invars[0].aval.dtype == np.bool_):
-                return mask_leaves(region, src.invars[0], base_roles, sizes, invert)
-    return [(atom, tuple(base_roles), invert)]
-
-
 # ---------------------------------------------------------------------------------------------
 # The replacement
 
@@ -735,24 +634,31 @@ def _attention_replacement(q, k, v, *extras, plan: AttentionPlan, implementation
     k4 = _merge(k.astype(dtype), plan.k_roles, [plan.batch, ("s",), plan.heads, ("d",)])
     v4 = _merge(v.astype(dtype), plan.v_roles, [plan.batch, ("s",), plan.heads, ("dv",)])
     logit_groups = [plan.batch, plan.heads + plan.groups, query, ("s",)]
+
+    def logits_layout(x, roles):
+        return _merge(*expand_compound(x, roles, sizes), logit_groups, sizes)
+
     mask = None
     for x, (roles, invert) in zip(extras[:len(plan.masks)], plan.masks):
-        m = _merge(x, roles, logit_groups, sizes)
+        m = logits_layout(x, roles)
         m = ~m if invert else m
         mask = m if mask is None else mask & m
     bias = None
     for x, (roles, mult) in zip(extras[len(plan.masks):], plan.biases):
         b = jnp.asarray(x)
-        b = b.astype(jnp.promote_types(b.dtype, jnp.float32))
-        b = _merge(b, roles, logit_groups, sizes) * mult if mult != 1.0 else \
-            _merge(b, roles, logit_groups, sizes)
+        b = logits_layout(b.astype(jnp.promote_types(b.dtype, jnp.float32)), roles)
+        b = b * mult if mult != 1.0 else b
         bias = b if bias is None else bias + b
-    attention = kernel("attention")
-    out = attention(q4, k4, v4, causal=plan.causal, mask=mask, bias=bias, scale=plan.scale,
-                    implementation=list(implementation) if isinstance(implementation, tuple)
-                    else implementation)
-    if plan.masked_rows is not None:
-        out = _masked_rows(out, v4, mask, plan)
+    if bias is not None:
+        bias = kernel_safe_bias(bias)
+    impl = list(implementation) if isinstance(implementation, tuple) else implementation
+
+    def attend(q4, k4, v4, bias):
+        return kernel("attention")(q4, k4, v4, causal=plan.causal, mask=mask, bias=bias,
+                                   scale=plan.scale, implementation=impl)
+
+    out = guard_rows(attend, q4, k4, v4, _kept(mask, plan.causal, q4.shape[1], k4.shape[1]),
+                     bias, plan.rows_without_keys, plan.scale)
     heads_sizes = [sizes[r] for r in plan.heads + plan.groups]
     expanded = ([sizes[r] for r in plan.batch] + [sizes[r] for r in query] + heads_sizes
                 + [sizes["dv"]])
@@ -762,25 +668,12 @@ def _attention_replacement(q, k, v, *extras, plan: AttentionPlan, implementation
     return out.astype(plan.out_dtype)
 
 
-def _masked_rows(out, v4, mask, plan):
-    """Rows whose keys are all masked: NaN (-inf fill) or the mean of v (finite fill)."""
-    B, T, H, _ = out.shape
-    keep = mask
-    if plan.causal:
-        S = v4.shape[1]
-        tri = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T)
-        keep = keep & tri[None, None]
-    has_key = jnp.any(keep, axis=-1)  # (b|1, h|1, t|1)
-    has_key = jnp.transpose(has_key, (0, 2, 1))[..., None]  # (b|1, t|1, h|1, 1)
-    group = H // v4.shape[2]
-    if plan.masked_rows == "uniform":
-        mean = jnp.mean(v4.astype(jnp.promote_types(v4.dtype, jnp.float32)), axis=1)
-        mean = jnp.repeat(mean, group, axis=1)[:, None]
-        return jnp.where(has_key, out, mean.astype(out.dtype))
-    # -inf fill: the original's softmax gives NaN for these rows, in the output and in dv.
-    total = jnp.repeat(jnp.sum(v4, axis=1), group, axis=1)[:, None]
-    nan_rows = jnp.where(has_key, jnp.zeros((), out.dtype), jnp.full((), jnp.nan, out.dtype))
-    return out + nan_rows * total
+def _kept(mask, causal, T, S):
+    """The keys each row keeps through the `where` masks, the causal one included (or None)."""
+    if not causal:
+        return mask
+    tri = (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T))[None, None]
+    return tri if mask is None else mask & tri
 
 
 # =============================================================================================
@@ -793,80 +686,6 @@ def free_axes(rank, contract, batch):
 
 def _is_float(atom) -> bool:
     return jnp.issubdtype(atom.aval.dtype, jnp.floating)
-
-
-def scalar_constant(region, atom):
-    """The Python float of a scalar constant (a literal, possibly broadcast or cast), else None."""
-    casts = []
-    while True:
-        if isinstance(atom, C.Literal):
-            value = np.asarray(atom.val)
-            if value.size != 1:
-                return None
-            value = value.reshape(())
-            for dtype in reversed(casts):
-                value = np.asarray(value, dtype=dtype)
-            return float(value)
-        eqn = region.producer_eqn(atom)
-        if eqn is None:
-            return None
-        if eqn.primitive in (lax.broadcast_in_dim_p, lax.reshape_p):
-            atom = eqn.invars[0]  # a broadcast of a scalar stays uniform
-        elif eqn.primitive is lax.convert_element_type_p:
-            casts.append(jnp.dtype(eqn.params["new_dtype"]))
-            atom = eqn.invars[0]
-        else:
-            return None
-
-
-def trace_broadcast(region, atom, roles, sizes, peel_casts=False):
-    """Follow `atom` (an operand of an op whose result axes carry `roles`) back through
-    broadcasts, unit-axis reshapes and transposes (and exact widening casts with `peel_casts`).
-
-    Returns (base atom, role of each base axis); None marks a unit axis that broadcasts.
-    """
-    shape = tuple(atom.aval.shape)
-    if len(shape) == 0:
-        return atom, ()
-    if len(shape) != len(roles):
-        raise _Decline(f"an operand of rank {len(shape)} on rank-{len(roles)} logits")
-    cur = []
-    for n, r in zip(shape, roles):
-        if n == sizes.get(r, -1):
-            cur.append(r)
-        elif n == 1:
-            cur.append(None)
-        else:
-            raise _Decline(f"an operand of shape {shape} does not broadcast to the logits")
-    while isinstance(atom, C.Var):
-        eqn = region.producer_eqn(atom)
-        if eqn is None:
-            break
-        src = eqn.invars[0]
-        sshape = tuple(src.aval.shape)
-        if eqn.primitive is lax.broadcast_in_dim_p:
-            dims = [int(d) for d in eqn.params["broadcast_dimensions"]]
-            cur = [cur[d] if sshape[i] == atom.aval.shape[d] else None for i, d in enumerate(dims)]
-        elif eqn.primitive is lax.reshape_p and not eqn.params.get("dimensions"):
-            if [n for n in sshape if n != 1] != [n for n in atom.aval.shape if n != 1]:
-                break
-            full = [r for r, n in zip(cur, atom.aval.shape) if n != 1]
-            it = iter(full)
-            cur = [next(it) if n != 1 else None for n in sshape]
-        elif eqn.primitive is lax.transpose_p:
-            perm = [int(p) for p in eqn.params["permutation"]]
-            new = [None] * len(perm)
-            for i, p in enumerate(perm):
-                new[p] = cur[i]
-            cur = new
-        elif (peel_casts and eqn.primitive is lax.convert_element_type_p and _is_float(src)
-              and _is_float(atom)
-              and jnp.promote_types(src.aval.dtype, atom.aval.dtype) == atom.aval.dtype):
-            pass
-        else:
-            break
-        atom = src
-    return atom, tuple(cur)
 
 
 def match_softmax(region, var):
