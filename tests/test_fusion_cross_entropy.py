@@ -1,6 +1,7 @@
 """The `softmax_cross_entropy` pass: spellings, label semantics, the fused matmul, kernels."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -72,6 +73,103 @@ def test_out_of_range_labels_keep_the_originals_special_values():
         loss = passes.optimize(SPELLINGS[name], PIPELINE)(x, labels)
         assert bool(jnp.isnan(loss[0, 0])) == want_nan and bool(jnp.isnan(loss[2, 3])) == want_nan
         assert not bool(jnp.isnan(loss[0, 1]))  # -1 counts from the end (or is one-hot zero)
+
+
+# -- shapes and spellings a user writes ---------------------------------------------------------
+
+def _log_softmax_mean(x, l):  # the (N, 1) pick reduced directly, negated after the mean
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(x), l[..., None], axis=-1))
+
+
+def _log_softmax_sum_2d(x, l):
+    return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(x, axis=1), l[:, None], axis=1))
+
+
+UNIT_BATCH_SPELLINGS = {
+    "optax_integer_labels": optax.softmax_cross_entropy_with_integer_labels,
+    "log_softmax_take_along_axis": SPELLINGS["log_softmax_take_along_axis"],
+    "optax_one_hot": lambda x, l: optax.softmax_cross_entropy(x, jax.nn.one_hot(l, V)),
+    "log_softmax_mean": _log_softmax_mean,
+}
+
+
+@pytest.mark.parametrize("shape", [(1, T, V), (1, V), (N, 1, V), (1, 1, V)],
+                         ids=["1xTxV", "1xV", "Nx1xV", "1x1xV"])
+@pytest.mark.parametrize("name", sorted(UNIT_BATCH_SPELLINGS))
+def test_unit_batch_axes_rewritten(name, shape):
+    """take_along_axis slices unit axes instead of batching them; the labels stay in order."""
+    labels = jax.random.randint(jax.random.key(20), shape[:-1], 0, V)
+    _rewritten(UNIT_BATCH_SPELLINGS[name], _logits(20, shape), labels)
+
+
+@pytest.mark.parametrize("fn", [_log_softmax_mean, _log_softmax_sum_2d],
+                         ids=["mean_of_pick", "sum_of_pick_axis_1"])
+@pytest.mark.parametrize("rows", [N, 1])
+def test_2d_log_softmax_pick_reduced_without_squeeze(fn, rows):
+    labels = jax.random.randint(jax.random.key(21), (rows,), 0, V)
+    _rewritten(fn, _logits(21, (rows, V)), labels)
+
+
+def test_float64_declined_and_verified():
+    """The kernels compute in float32: a float64 loss keeps its precision by staying as it is."""
+    with jax.enable_x64(True):
+        x = _logits(22).astype(jnp.float64)
+        h, w = (a.astype(jnp.float64) for a in _hidden(22))
+        labels = _labels(22)
+        fused = lambda h, w, l: optax.softmax_cross_entropy_with_integer_labels(h @ w, l)  # noqa: E731
+        for fn, args in ((optax.softmax_cross_entropy_with_integer_labels, (x, labels)),
+                         (SPELLINGS["log_softmax_take_along_axis"], (x, labels)),
+                         (fused, (h, w, labels))):
+            report = passes.explain(fn, *args, pipeline=PIPELINE)
+            assert report.counts["softmax_cross_entropy"] == 0
+            assert [d.reason for d in report.declined] == [
+                "the kernels compute in float32; the logits are float64"]
+            got = passes.optimize(fn, PIPELINE, verify=True)(*args)
+            np.testing.assert_allclose(got, jax.jit(fn)(*args), rtol=1e-12, atol=1e-12)
+
+
+# -- special values: each spelling's own, the kernel's where they agree --------------------------
+
+def _special_rows():
+    """Logits and labels with one special case per row (3 x 4 rows of V logits)."""
+    x = np.array(_logits(23))
+    labels = np.array(_labels(23))
+    inf, nan = np.inf, np.nan
+    other = (labels + 1) % V
+    for (i, j), (where, value) in {
+            (0, 0): ("label", inf), (0, 1): ("other", inf), (0, 2): ("label", -inf),
+            (0, 3): ("other", -inf), (1, 0): ("row", -inf), (1, 1): ("label", nan),
+            (1, 2): ("other", nan), (2, 0): ("other", inf), (2, 1): ("label", -inf),
+            (2, 2): ("row", -inf)}.items():
+        if where == "row":
+            x[i, j] = value
+        else:
+            x[i, j, labels[i, j] if where == "label" else other[i, j]] = value
+    x[1, 3, labels[1, 3]], x[1, 3, other[1, 3]] = -inf, inf  # a -inf label, +inf elsewhere
+    labels[2, 0], labels[2, 1], labels[2, 2] = V + 3, -V - 1, V  # out of range
+    return jnp.asarray(x), jnp.asarray(labels)
+
+
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_special_values_match_each_spelling(name):
+    """+inf, -inf and NaN logits, all -inf rows and out-of-range labels: values and gradients are
+    the compiled original's (JAX's log_softmax is NaN for a row holding +inf, its logsumexp is
+    inf; a one-hot row of an out-of-range label is 0 with the row's gradient)."""
+    fn = SPELLINGS[name]
+    _rewritten(jax.jit(fn), *_special_rows())
+
+
+def test_special_values_fused_with_the_matmul():
+    """Logits that overflow to +-inf in one row of h @ w (the label's on some rows)."""
+    h, w = _hidden(24)
+    h = h.at[0].multiply(1e20)
+    w = w.at[:, 3].multiply(1e20)
+    labels = _labels(24).at[0, 0].set(3).at[0, 2].set(V).at[1, 1].set(V)
+    for name in ("optax_integer_labels", "log_softmax_take_along_axis", "optax_one_hot",
+                 "hand_written_logsumexp"):
+        loss = SPELLINGS[name]
+        fn = jax.jit(lambda h, w, l, loss=loss: loss(h @ w, l))
+        _rewritten(fn, h, w, labels, rule="linear_cross_entropy")
 
 
 def test_class_axis_not_last():
@@ -208,14 +306,16 @@ def test_pallas_kernels_in_the_program_and_its_gradient(fused):
     assert_equivalent(fn, optimized, h, w, labels)
 
 
+@pytest.mark.parametrize("batch_size", [2, 1])
 @pytest.mark.parametrize("name,rule", [("gpt2-tiny", "linear_cross_entropy"),
                                        ("llama-tiny", "linear_cross_entropy"),
                                        ("vit-tiny", "softmax_cross_entropy")])
-def test_model_zoo_counts(name, rule):
+def test_model_zoo_counts(name, rule, batch_size):
     """Language models get the fused head (tied in GPT-2); ViT's head has a bias, so not fused.
-    (tests/test_fusion_attention.py checks the optimized GPT-2 and Llama losses' values.)"""
+    A batch of one keeps it. (tests/test_fusion_attention.py checks the optimized GPT-2 and
+    Llama losses' values.)"""
     spec = models.get(name, seq_len=16) if "vit" not in name else models.get(name)
     params = jax.eval_shape(spec.init, jax.random.key(0))
-    batch = jax.eval_shape(lambda key: spec.batch(key, 2), jax.random.key(1))
+    batch = jax.eval_shape(lambda key: spec.batch(key, batch_size), jax.random.key(1))
     report, rules = _rules(spec.loss, params, batch, pipeline=passes.default_pipeline())
     assert report.counts["softmax_cross_entropy"] == 1 and rules == [rule]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -44,12 +45,26 @@ def cross_entropy_pass(implementation=None) -> RulePass:
     `softmax_cross_entropy` (the loss on materialised logits).
     """
     impl = tuple(implementation) if isinstance(implementation, (list, tuple)) else implementation
-    fused = FunctionRule("linear_cross_entropy", (lax.sub_p, lax.neg_p),
+    fused = FunctionRule("linear_cross_entropy", _ROOTS,
                          functools.partial(match_cross_entropy, implementation=impl, fused=True),
                          priority=1)
-    plain = FunctionRule("softmax_cross_entropy", (lax.sub_p, lax.neg_p),
+    plain = FunctionRule("softmax_cross_entropy", _ROOTS,
                          functools.partial(match_cross_entropy, implementation=impl, fused=False))
-    return RulePass("softmax_cross_entropy", [fused, plain])
+    rule_pass = RulePass("softmax_cross_entropy", [fused, plain])
+    rule_pass.description = DESCRIPTION
+    return rule_pass
+
+
+DESCRIPTION = ("per-example softmax cross-entropy (optax's integer-label and one-hot losses, "
+               "-log_softmax[label], logsumexp - logit[label]) -> "
+               "pallas_kernels.softmax_cross_entropy, or linear_cross_entropy when the logits "
+               "are a matmul used only by the loss")
+
+# The loss ends in a subtraction (logsumexp - picked logit) or a negation (-picked
+# log-probability); a picked log-probability that is not negated right away (its mean negated
+# later, say) is matched at the pick.
+_PICKS = (lax.gather_p, lax.squeeze_p, lax.reshape_p)
+_ROOTS = (lax.sub_p, lax.neg_p) + _PICKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +77,11 @@ class CrossEntropyPlan:
       (clamped value, softmax-only gradient, as XLA runs promise_in_bounds), "one_hot".
     label_shape: "flat" (the label input holds exactly the batch's labels) or "kept" (it has a
       unit class axis at `axis` and may broadcast over the batch).
+    shift: "guarded_max" (jax.nn.logsumexp's shift: the row max, 0 where it is not finite,
+      the kernel's own semantics) or "row_max" (the plain row max: JAX's log_softmax, x.max();
+      a row whose max is not finite is NaN throughout, values and gradients).
+    sign: 1 for the loss, -1 for the picked log-probability (matched at the pick).
+    out_shape: the matched result's shape (the batch shape, or with the unit class axis kept).
     """
 
     form: str
@@ -73,51 +93,100 @@ class CrossEntropyPlan:
     out_dtype: str
     w_layout: str | None  # None: logits are an input; "dv"/"vd": fused with the matmul
     x_axis: int = -1  # the contracted (hidden) axis of x in the fused form
+    shift: str = "guarded_max"
+    sign: int = 1
+    out_shape: tuple | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Found:
+    """A matched loss: its spelling, logits and class axis, shift and labels."""
+
+    form: str
+    x: object
+    axis: int
+    shift_root: object
+    label: object
+    labels: str
+    label_shape: str
+    sign: int = 1
 
 
 def match_cross_entropy(region, position, *, implementation=None, fused=False):
     """The loss whose last equation is at `position`; with `fused`, only matmul + loss."""
     eqn = region.eqns[position]
-    if eqn.primitive is lax.sub_p:
-        found = _logsumexp_form(region, eqn)
-    else:
-        found = _negated_form(region, eqn)
+    found = _form_at(region, position)
     if isinstance(found, str):
         if fused:
             return NoMatch("declined by the softmax_cross_entropy rule")
-        return Match(root=position, eqns=frozenset({position}), inputs=tuple(eqn.invars),
-                     outputs=tuple(eqn.outvars), replacement=_cross_entropy_replacement,
-                     declined=found)
+        return _declined(position, eqn, found)
     if not found:
         return found
-    form, x, axis, label_atom, labels, label_shape = found
-    batch_shape = tuple(x.aval.shape[:axis] + x.aval.shape[axis + 1:])
+    x, axis = found.x, found.axis
+    full = tuple(x.aval.shape)
+    batch_shape = full[:axis] + full[axis + 1:]
     out = eqn.outvars[0]
-    if tuple(out.aval.shape) != batch_shape:
-        return NoMatch("the loss has shape {}, not the batch shape {}", out.aval.shape, batch_shape)
-    if not jnp.issubdtype(label_atom.aval.dtype, jnp.integer):
-        return NoMatch("labels of dtype {}", label_atom.aval.dtype)
+    problem = _unsupported(region, found, out, batch_shape)
+    if problem:
+        return NoMatch("declined by the softmax_cross_entropy rule") if fused else _declined(
+            position, eqn, problem)
     eqns = _between(region, x, position)
-    plan = dict(form=form, labels=labels, label_shape=label_shape, axis=axis,
-                batch_shape=batch_shape, vocab=int(x.aval.shape[axis]),
-                out_dtype=jnp.dtype(out.aval.dtype).name, w_layout=None)
+    plan = dict(form=found.form, labels=found.labels, label_shape=found.label_shape, axis=axis,
+                batch_shape=batch_shape, vocab=int(full[axis]),
+                out_dtype=jnp.dtype(out.aval.dtype).name, w_layout=None,
+                shift=_shift_kind(region, found.shift_root, x, axis), sign=found.sign,
+                out_shape=tuple(out.aval.shape))
     matmul = _fused_matmul(region, x, axis, eqns)
     if fused:
         if matmul is None:
             return NoMatch("the logits are not a matmul used only by the loss")
         h, w, layout, h_axis, extra = matmul
         plan.update(w_layout=layout, x_axis=h_axis)
-        return Match(root=position, eqns=frozenset(eqns | extra), inputs=(h, w, label_atom),
+        return Match(root=position, eqns=frozenset(eqns | extra), inputs=(h, w, found.label),
                      outputs=(out,), replacement=_cross_entropy_replacement,
                      params={"plan": CrossEntropyPlan(**plan),
                              "implementation": implementation})
-    return Match(root=position, eqns=frozenset(eqns), inputs=(x, label_atom), outputs=(out,),
+    return Match(root=position, eqns=frozenset(eqns), inputs=(x, found.label), outputs=(out,),
                  replacement=_cross_entropy_replacement,
                  params={"plan": CrossEntropyPlan(**plan), "implementation": implementation})
 
 
+def _declined(position, eqn, reason):
+    return Match(root=position, eqns=frozenset({position}), inputs=tuple(eqn.invars),
+                 outputs=tuple(eqn.outvars), replacement=_cross_entropy_replacement,
+                 declined=reason)
+
+
+def _unsupported(region, found, out, batch_shape):
+    """Why a matched loss cannot be handed to the kernels (None when it can)."""
+    x, axis = found.x, found.axis
+    kept = batch_shape[:axis] + (1,) + batch_shape[axis:]
+    shapes = (batch_shape,) if found.sign == 1 else (batch_shape, kept)
+    if tuple(out.aval.shape) not in shapes:
+        return f"the loss has shape {tuple(out.aval.shape)}, not the batch shape {batch_shape}"
+    if not jnp.issubdtype(found.label.aval.dtype, jnp.integer):
+        return f"labels of dtype {found.label.aval.dtype}, not integers"
+    for what, dtype in (("logits", x.aval.dtype), ("loss", out.aval.dtype)):
+        if jnp.dtype(dtype).itemsize > 4:
+            return f"the kernels compute in float32; the {what} are {jnp.dtype(dtype).name}"
+    if _shift_kind(region, found.shift_root, x, axis) is None:
+        return ("the log-sum-exp subtracts a row value other than the row max, so its "
+                "overflow and infinities are not the kernel's")
+    return None
+
+
+def _form_at(region, position):
+    """The loss ending at `position`: a `_Found`, a NoMatch, or a decline reason string."""
+    eqn = region.eqns[position]
+    if eqn.primitive is lax.sub_p:
+        return _logsumexp_form(region, eqn)
+    if eqn.primitive is lax.neg_p:
+        return _negated_form(region, eqn)
+    return _pick_form(region, position)
+
+
 # ---------------------------------------------------------------------------------------------
-# The two loss shapes: lse - picked, and -(picked log-probability)
+# The loss shapes: lse - picked, -(picked log-probability), and the picked log-probability
 
 
 def _logsumexp_form(region, eqn):
@@ -125,15 +194,15 @@ def _logsumexp_form(region, eqn):
     lse = logsumexp(region, a)
     if not lse:
         return NoMatch("not logsumexp - picked logit: {}", lse.reason)
-    x, axis = lse
+    x, axis, shift = lse
     picked = _picked(region, b, x, axis)
     if picked:
-        return ("logsumexp",) + picked
+        return _Found("logsumexp", x, axis, shift, *picked[2:])
     onehot = _one_hot_sum(region, b, x, axis)
     if isinstance(onehot, str) or not onehot:
         return onehot if isinstance(onehot, str) else NoMatch(
             "logsumexp minus something else: {}; {}", picked.reason, onehot.reason)
-    return ("logsumexp_one_hot",) + onehot
+    return _Found("logsumexp_one_hot", x, axis, shift, *onehot[2:])
 
 
 def _negated_form(region, eqn):
@@ -149,21 +218,50 @@ def _negated_form(region, eqn):
         for ls, oh in (prod.invars, prod.invars[::-1]):
             found = log_softmax(region, ls)
             if found and found[1] == axes[0]:
-                x, axis = found
+                x, axis, shift = found
                 hot = _one_hot(region, oh, x, axis)
                 if isinstance(hot, str):
                     return hot
                 if hot:
-                    return ("one_hot",) + hot
+                    return _Found("one_hot", x, axis, shift, *hot[2:])
         return NoMatch("not a sum of one-hot labels * log_softmax")
-    for ls in _picked_sources(region, a):
+    return _picked_log_probability(region, a)
+
+
+def _picked_log_probability(region, var):
+    """`var` = log_softmax(x)[..., label, ...]: a `_Found` of the log_softmax form, or NoMatch."""
+    for ls in _picked_sources(region, var):
         found = log_softmax(region, ls)
         if found:
-            x, axis = found
-            picked = _picked(region, a, ls, axis)
+            x, axis, shift = found
+            picked = _picked(region, var, ls, axis)
             if picked:
-                return ("log_softmax", x, axis) + picked[2:]
+                return _Found("log_softmax", x, axis, shift, *picked[2:])
     return NoMatch("not -log_softmax[label]")
+
+
+def _pick_form(region, position):
+    """A picked log-probability not negated right away (`-mean(take_along_axis(...))`); left
+    to the larger match where the pick feeds one (the negation, or a take_along_axis's squeeze).
+    """
+    if _feeds_larger_loss(region, position):
+        return NoMatch("part of the loss matched at a later equation")
+    found = _picked_log_probability(region, region.eqns[position].outvars[0])
+    return dataclasses.replace(found, sign=-1) if found else found
+
+
+def _feeds_larger_loss(region, position) -> bool:
+    users = region.users(region.eqns[position].outvars[0])
+    if len(users) != 1 or users[0] < 0:
+        return False
+    user = region.eqns[users[0]]
+    if user.primitive is lax.neg_p:
+        found = _negated_form(region, user)
+        return isinstance(found, str) or bool(found)
+    if user.primitive not in _PICKS:
+        return False
+    return _feeds_larger_loss(region, users[0]) or bool(
+        _picked_log_probability(region, user.outvars[0]))
 
 
 def _picked_sources(region, var):
@@ -193,6 +291,9 @@ def _picked(region, var, x, axis):
     if eqn.primitive is lax.gather_p and eqn.invars[0] is x and tuple(
             eqn.outvars[0].aval.shape) == batch:
         return _indexing(region, eqn, x, axis)
+    if eqn.primitive is lax.gather_p and eqn.invars[0] is x and tuple(
+            eqn.outvars[0].aval.shape) == kept and _is_take_along_axis(eqn, full, axis):
+        return x, axis, eqn.invars[1], _label_mode(eqn), "flat"
     # take_along_axis gives the kept shape; then a squeeze of the class axis
     if eqn.primitive is lax.squeeze_p:
         if tuple(int(d) for d in eqn.params["dimensions"]) != (axis,):
@@ -210,17 +311,35 @@ def _picked(region, var, x, axis):
         return NoMatch("not a take_along_axis")
     if g.invars[0] is not x:
         return NoMatch("takes from another array")
-    dn = g.params["dimension_numbers"]
-    others = tuple(d for d in range(len(full)) if d != axis)
-    idx = g.invars[1]
-    if (tuple(dn.offset_dims) != () or tuple(dn.collapsed_slice_dims) != (axis,)
-            or tuple(dn.start_index_map) != (axis,)
-            or tuple(getattr(dn, "operand_batching_dims", ())) != others
-            or tuple(getattr(dn, "start_indices_batching_dims", ())) != others
-            or tuple(g.params["slice_sizes"]) != (1,) * len(full)
-            or tuple(idx.aval.shape) != kept + (1,)):
+    if not _is_take_along_axis(g, full, axis):
         return NoMatch("a gather that is not take_along_axis on axis {}", axis)
-    return x, axis, idx, _label_mode(g), "flat"
+    return x, axis, g.invars[1], _label_mode(g), "flat"
+
+
+def _is_take_along_axis(g, full, axis) -> bool:
+    """Whether gather `g` picks one element along `axis` per position of the other axes, its
+    indices (with a trailing index-vector axis of 1) holding the batch's labels in order.
+
+    JAX batches each axis of size > 1 and slices unit axes whole (a leading batch of 1), so the
+    check allows both: the indices then reshape to the batch shape without reordering.
+    """
+    dn = g.params["dimension_numbers"]
+    idx_shape = tuple(g.invars[1].aval.shape)
+    operand_batch = tuple(getattr(dn, "operand_batching_dims", ()))
+    index_batch = tuple(getattr(dn, "start_indices_batching_dims", ()))
+    others = [d for d in range(len(full)) if d != axis]
+    if (tuple(dn.collapsed_slice_dims) != (axis,) or tuple(dn.start_index_map) != (axis,)
+            or tuple(g.params["slice_sizes"]) != (1,) * len(full)
+            or not idx_shape or idx_shape[-1] != 1
+            or list(operand_batch) != sorted(operand_batch)
+            or list(index_batch) != sorted(index_batch)
+            or not set(operand_batch) <= set(others)):
+        return False
+    if any(full[d] != 1 for d in others if d not in operand_batch):
+        return False
+    if any(n != 1 for i, n in enumerate(idx_shape[:-1]) if i not in index_batch):
+        return False
+    return all(idx_shape[i] == full[d] for d, i in zip(operand_batch, index_batch))
 
 
 def _label_mode(gather_eqn):
@@ -399,7 +518,7 @@ def _shifted(region, d, axis):
 
 def logsumexp(region, var):
     """`var` = m + log(sum(exp(x - m), axis)) with the same row value m (reduced or kept axis):
-    (x, axis) or NoMatch."""
+    (x, axis, m's root) or NoMatch."""
     eqn = region.producer_eqn(var)
     if eqn is None or eqn.primitive is not lax.add_p:
         return NoMatch("not m + log(sum(exp(x - m)))")
@@ -417,12 +536,12 @@ def logsumexp(region, var):
                                          full[:axis] + (1,) + full[axis + 1:]):
             continue
         if _keep_root(region, m, full, axis) is root:
-            return x, axis
+            return x, axis, root
     return NoMatch("not m + log(sum(exp(x - m)))")
 
 
 def log_softmax(region, var):
-    """`var` = log_softmax(x, axis): (x, axis) or NoMatch.
+    """`var` = log_softmax(x, axis): (x, axis, the shift's root) or NoMatch.
 
     Spellings: (x - m) - log(sum(exp(x - m))) with the log before or after the keepdims
     broadcast (JAX's), and x - logsumexp(x, keepdims=True).
@@ -439,13 +558,50 @@ def log_softmax(region, var):
     if found and found[0] is a:
         shifted = _shifted(region, a, found[1])
         if shifted:
-            return shifted[0], found[1]
+            return shifted[0], found[1], shifted[1]
     # x - logsumexp(x, keepdims=True)
     for axis in range(len(full)):
         root = _keep_root(region, b, full, axis)
-        if root is not None and logsumexp(region, root) == (a, axis):
-            return a, axis
+        lse = logsumexp(region, root) if root is not None else None
+        if lse and lse[:2] == (a, axis):
+            return lse
     return NoMatch("not a log_softmax")
+
+
+def _shift_kind(region, m, x, axis):
+    """What the log-sum-exp subtracts: "guarded_max" (jax.nn.logsumexp: the row max of `x`, 0
+    where it is not finite), "row_max" (the plain row max, maybe floored at -inf: JAX's
+    log_softmax, `x.max(-1)`), or None (another row value)."""
+    eqn = region.producer_eqn(m)
+    if eqn is not None and eqn.primitive is lax.select_n_p and len(eqn.invars) == 3:
+        pred, when_false, when_true = eqn.invars
+        test = region.producer_eqn(pred)
+        zero = constant_value(region, when_false)
+        if (test is not None and test.primitive is lax.is_finite_p
+                and test.invars[0] is when_true and zero is not None and not np.any(zero)
+                and _is_row_max(region, when_true, x, axis)):
+            return "guarded_max"
+        return None
+    return "row_max" if _is_row_max(region, m, x, axis) else None
+
+
+def _is_row_max(region, v, x, axis) -> bool:
+    """`v` = max(x, axis), maybe as max(-inf, max(x, axis)) (jnp.max's initial value), either
+    possibly re-shaped to keep the axis."""
+    full = tuple(x.aval.shape)
+    v = _keep_root(region, v, full, axis)
+    eqn = region.producer_eqn(v) if v is not None else None
+    if eqn is not None and eqn.primitive is lax.max_p:
+        for inner, floor in (eqn.invars, eqn.invars[::-1]):
+            value = constant_value(region, floor) if not isinstance(inner, C.Literal) else None
+            if value is not None and np.all(value == -np.inf):
+                inner = _keep_root(region, inner, full, axis)
+                eqn = region.producer_eqn(inner) if inner is not None else None
+                break
+        else:
+            return False
+    return (eqn is not None and eqn.primitive is lax.reduce_max_p and eqn.invars[0] is x
+            and tuple(int(d) for d in eqn.params["axes"]) == (axis,))
 
 
 def _log_sum_exp_of(region, r):
@@ -554,48 +710,107 @@ def _cross_entropy_replacement(*args, plan: CrossEntropyPlan, implementation=Non
     else:
         labels = labels.reshape(plan.batch_shape)
     labels = labels.astype(jnp.int32)
-    vocab = plan.vocab
     if plan.w_layout is None:
-        logits = jnp.moveaxis(args[0], plan.axis, -1)
-
-        def loss_of(lab):
-            return kernel("softmax_cross_entropy")(
-                logits, lab, implementation=impl)
-
-        def logit_at(lab):
-            return jnp.take_along_axis(logits, lab[..., None], axis=-1)[..., 0]
+        source = _Logits(jnp.moveaxis(args[0], plan.axis, -1), impl)
     else:
-        h, w = args[0], args[1]
-        h = jnp.moveaxis(h, plan.x_axis, -1)
+        source = _Projected(jnp.moveaxis(args[0], plan.x_axis, -1), args[1], plan.w_layout, impl)
+    loss = _loss(plan, source, labels)
+    return (plan.sign * loss).astype(plan.out_dtype).reshape(plan.out_shape)
 
-        def loss_of(lab):
-            return kernel("linear_cross_entropy")(
-                h, w, lab, w_layout=plan.w_layout, implementation=impl)
 
-        def logit_at(lab):
-            rows = jnp.take(w, lab, axis=0) if plan.w_layout == "vd" else jnp.moveaxis(
-                jnp.take(w, lab, axis=1), 0, -1)
-            return jnp.sum(h.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)
+class _Logits:
+    """Materialised logits, class axis last."""
 
+    def __init__(self, logits, implementation):
+        self.logits, self.implementation = logits, implementation
+
+    def loss(self, labels):
+        return kernel("softmax_cross_entropy")(self.logits, labels,
+                                               implementation=self.implementation)
+
+    def logit_at(self, labels):
+        return jnp.take_along_axis(self.logits, labels[..., None], axis=-1)[..., 0]
+
+    def row_max_finite(self, loss, picked):
+        return jnp.isfinite(jnp.max(self.logits, axis=-1))
+
+    def logsumexp(self, loss, picked):
+        return jax.nn.logsumexp(self.logits, axis=-1)
+
+
+class _Projected:
+    """Logits h @ w that never exist: row facts come from the kernel's loss and the picked
+    logit (lse = loss + picked), exact unless the picked logit is infinite."""
+
+    def __init__(self, h, w, layout, implementation):
+        self.h, self.w, self.layout, self.implementation = h, w, layout, implementation
+
+    def loss(self, labels):
+        return kernel("linear_cross_entropy")(self.h, self.w, labels, w_layout=self.layout,
+                                              implementation=self.implementation)
+
+    def logit_at(self, labels):
+        rows = jnp.take(self.w, labels, axis=0) if self.layout == "vd" else jnp.moveaxis(
+            jnp.take(self.w, labels, axis=1), 0, -1)
+        return jnp.sum(self.h.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)
+
+    def row_max_finite(self, loss, picked):
+        return jnp.isfinite(self.logsumexp(loss, picked)) | (picked == -jnp.inf)
+
+    def logsumexp(self, loss, picked):
+        return loss + picked
+
+
+def _loss(plan, source, labels):
+    """The original's loss for every label value, from the kernel's lse - logit[safe label].
+
+    Special values follow the original: with the plain row max as the shift (`row_max`), a row
+    whose max is not finite (a +inf or NaN logit, or all -inf) is NaN in value and gradient,
+    where the kernel's guarded log-sum-exp would give inf.
+    """
+    vocab = plan.vocab
     valid = (labels >= 0) & (labels < vocab)
-    safe = jnp.where(valid, labels, 0)
+    clamped = plan.labels in ("clip", "promise")
+    safe = jnp.clip(labels, 0, vocab - 1) if clamped else jnp.where(valid, labels, 0)
+    kernel_loss = source.loss(safe)
+    picked = source.logit_at(safe).astype(kernel_loss.dtype)
     if plan.labels == "clip":
-        loss = loss_of(jnp.clip(labels, 0, vocab - 1))
+        loss = kernel_loss
     elif plan.labels == "promise":
         # XLA clamps the gather and drops the out-of-range update of its transpose: the clamped
         # label's loss, with the softmax alone as the gradient
-        clamped = jnp.clip(labels, 0, vocab - 1)
-        loss = loss_of(clamped)
-        picked = logit_at(clamped)
-        loss = loss + jnp.where(valid, 0, picked - lax.stop_gradient(picked)).astype(loss.dtype)
+        loss = kernel_loss + jnp.where(valid, 0, picked - lax.stop_gradient(picked))
     elif plan.form == "logsumexp":
-        # the kernel's own out-of-range behaviour is take_along_axis's: NaN, softmax gradient
-        loss = loss_of(jnp.where(valid, labels, vocab))
+        # out of range: NaN, with the log-sum-exp's gradient (the softmax)
+        loss = kernel_loss + jnp.where(valid, 0, picked + jnp.nan)
     elif plan.form == "log_softmax":
-        loss = jnp.where(valid, loss_of(safe), jnp.nan)
+        loss = jnp.where(valid, kernel_loss, jnp.nan)
     elif plan.form == "one_hot":
-        loss = jnp.where(valid, loss_of(safe), 0)
+        loss = jnp.where(valid, kernel_loss, 0)
     else:  # logsumexp - sum(onehot * x): an all-zero row leaves logsumexp(x)
-        loss = loss_of(safe)
-        loss = loss + jnp.where(valid, 0, logit_at(safe)).astype(loss.dtype)
-    return loss.astype(plan.out_dtype)
+        loss = jnp.where(valid, kernel_loss, source.logsumexp(kernel_loss, picked))
+    if plan.shift == "row_max":
+        blank = (plan.form == "one_hot") & ~valid  # the one-hot row picks nothing: 0
+        loss = _nan_rows(loss, kernel_loss, ~source.row_max_finite(kernel_loss, picked),
+                         value=jnp.where(blank, 0, jnp.nan).astype(loss.dtype))
+    return loss
+
+
+def _nan_rows(loss, kernel_loss, rows, value):
+    """`value` in `rows` (NaN, or the 0 of a one-hot row that picks nothing), with a NaN
+    gradient for each of their logits (through the kernel's, whose gradient is linear in its
+    cotangent)."""
+    nan_factor = jnp.where(rows, jnp.nan, 0).astype(kernel_loss.dtype)
+    return jnp.where(rows, value, loss) + _zero_with_gradient(kernel_loss, nan_factor)
+
+
+@jax.custom_jvp
+def _zero_with_gradient(value, factor):
+    """Zeros, whose derivative is `value`'s times `factor` (a constant)."""
+    return jnp.zeros_like(value)
+
+
+@_zero_with_gradient.defjvp
+def _zero_with_gradient_jvp(primals, tangents):
+    value, factor = primals
+    return jnp.zeros_like(value), tangents[0] * lax.stop_gradient(factor)
