@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 from passes import _compat as C
 from passes.ir import OUTPUT, Region, location, module_path, nested_regions
 from passes.rewrite import Match, Rule, is_replacement, replacement_eqn
+from passes.validate import validate
 
 DISABLE_ENV = "JAXPASSES_DISABLE"  # comma-separated pass names, off for the whole run
 SITES_ENV = "JAXPASSES_SITES"  # comma-separated site ids: rewrite only these
@@ -86,9 +87,10 @@ class Declined:
 class Context:
     """What one pipeline run records: rewrites, declines, near misses, timings."""
 
-    def __init__(self, sites=None, debug=False):
+    def __init__(self, sites=None, debug=False, validate=False):
         self.sites = None if sites is None else frozenset(sites)
         self.debug = debug
+        self.validate = validate  # translation-validate every rewrite when it is made
         self.rewrites: list[Rewrite] = []
         self.declined: list[Declined] = []
         self.near_misses: list[Declined] = []
@@ -269,6 +271,8 @@ class RulePass(Pass):
                         f"rule {self.name}.{rule.name}: building the replacement for "
                         f"`{root_eqn.primitive}` at {location(root_eqn)} failed: "
                         f"{type(e).__name__}: {e}") from e
+                else:
+                    reason = validate(region, m, new_eqn) if ctx.validate else None
             if reason is not None:
                 ctx.decline(self.name, rule.name, site, root_eqn, reason)
                 continue
@@ -298,7 +302,8 @@ class Pipeline:
       passes: `Pass` objects, run in order.
       max_iterations: cap on rounds; reaching it raises `FixpointError` naming the passes that
         still changed the program.
-      check: run `check_jaxpr` after every pass (default: env JAXPASSES_CHECK=1).
+      check: run `check_jaxpr` after every pass and translation-validate every rewrite when it
+        is made (`passes.validate`; default: env JAXPASSES_CHECK=1).
       dump_dir: write the program before the first pass and after every pass that changed it.
       disable: pass names to skip (also env JAXPASSES_DISABLE, comma-separated).
       sites: rewrite only these site ids (from `report.rewrites`; also env JAXPASSES_SITES),
@@ -375,7 +380,7 @@ class Pipeline:
 
     def run(self, jaxpr, ctx: Context | None = None):
         """Rewrite a (closed) jaxpr. Returns (new jaxpr, Context)."""
-        ctx = ctx or Context(self.sites, self.debug)
+        ctx = ctx or Context(self.sites, self.debug, self.check)
         if self.dump_dir is not None:
             self._dump(jaxpr, "00_input")
         active = [p for p in self.passes if p.name not in self.disable]
