@@ -177,6 +177,43 @@ class AttentionCases:
         for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), want_grads):
             assert_close(name, got, want, jnp.float32)
 
+    @pytest.mark.parametrize("max_logit", [2e3, 2e4, 2.7e8])
+    def test_large_logits_keep_backward_probabilities_normalised(self, max_logit):
+        """Logits near `max_logit` that differ by a few units. dv = P^T do, so with do = 1 the
+        sum of dv over keys is the sum of P's rows, q_len up to float32 rounding whatever the
+        logits' magnitude, and no dv exceeds q_len. Probabilities recomputed from one saved
+        log-sum-exp m + log2(l) round at m's precision: their rows summed to 1.00001 at 2e3 and
+        to 209 at 2.7e8. Where float32 logits still resolve units, values and gradients also
+        match float64 within what rounding the logits costs."""
+        rng = np.random.default_rng(int(max_logit) % 2**32)
+        B, T, H, D = 1, 40, 2, 16
+        direction = rng.standard_normal(D)
+        direction /= np.linalg.norm(direction)
+        spread = 3.0 / max_logit  # relative: logits differ by a few units
+        noisy = lambda: direction + spread * rng.standard_normal((B, T, H, D))
+        q = jnp.asarray(max_logit * np.sqrt(D) * noisy(), jnp.float32)
+        k = jnp.asarray(noisy(), jnp.float32)
+        v = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+        ct = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+
+        def value_and_grads(ct):
+            out, vjp = jax.vjp(lambda q, k, v: self.attend(q, k, v, causal=True), q, k, v)
+            return out, vjp(ct)
+
+        _, (_, _, dv_ones) = value_and_grads(jnp.ones_like(ct))
+        row_sums = np.asarray(dv_ones, np.float64).sum(axis=1) / T  # (B, H, D)
+        assert np.max(np.abs(row_sums - 1.0)) <= 1e-5, np.max(np.abs(row_sums - 1.0))
+        assert np.max(np.abs(np.asarray(dv_ones))) <= T * (1 + 1e-5)
+        if max_logit > 1e5:
+            return
+        out, grads = value_and_grads(ct)
+        want_out, want_grads = reference64(q, k, v, None, ct, causal=True, mask=None, scale=None)
+        logit_rounding = 64 * max_logit * 2.0 ** -24
+        for name, got, want in zip(("out", "dv"), (out, grads[2]), (want_out, want_grads[2])):
+            got = np.asarray(got, np.float64)
+            err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+            assert err <= logit_rounding, f"{name}: max error {err:.3g}"
+
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
     def test_half_precision(self, dtype):
         self.run_and_check(7, batch=2, q_len=29, kv_len=34, heads=4, kv_heads=2, dtype=dtype,
@@ -412,3 +449,26 @@ def test_heuristic_and_tuning_space_are_valid_configs():
     small = attention_module.heuristic_config(20, 3, 64, interpret=False)
     assert small.block_q == 32 and small.block_k == 16 and small.block_k_dkv == 16
     assert len(set(attention_module.config_space(64))) == len(attention_module.config_space(64))
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+@pytest.mark.parametrize("shapes", [
+    dict(batch=0), dict(kv_len=0), dict(head_dim=0), dict(q_len=0, causal=True)])
+def test_zero_size_operands_give_the_empty_or_zero_result(implementation, shapes):
+    """Nothing to write, or no keys to attend over (rows without keys are zeros): the result
+    is there without a kernel, its gradients zero, never a ZeroDivisionError or a failed
+    lowering."""
+    shapes = dict(shapes)
+    causal = shapes.pop("causal", False)
+    q, k, v, _, bias, ct = random_inputs(15, batch=shapes.get("batch", 1),
+                                          q_len=shapes.get("q_len", 5),
+                                          kv_len=shapes.get("kv_len", 6),
+                                          head_dim=shapes.get("head_dim", 16),
+                                          bias_shape=(1, 1, shapes.get("q_len", 5),
+                                                      shapes.get("kv_len", 6)))
+    out, vjp = jax.vjp(lambda q, k, v, bias: attention(q, k, v, bias=bias, causal=causal,
+                                                       implementation=implementation),
+                       q, k, v, bias)
+    assert out.shape == q.shape and out.dtype == q.dtype and not np.asarray(out).any()
+    for grad, arg in zip(vjp(ct), (q, k, v, bias)):
+        assert grad.shape == arg.shape and not np.asarray(grad).any()

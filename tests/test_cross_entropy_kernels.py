@@ -57,8 +57,8 @@ def assert_close(name, got, want, dtype, expected_dtype):
     assert got.dtype == expected_dtype, f"{name}: dtype {got.dtype}, expected {expected_dtype}"
     got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
     assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{name}: NaN positions")
-    finite = ~np.isnan(want)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[~finite], want[~finite], err_msg=f"{name}: NaN and inf")
     assert np.all(np.isfinite(got[finite])), f"{name}: non-finite values where finite expected"
     magnitude = max(np.max(np.abs(want[finite])), 1e-3)
     err = np.max(np.abs(got[finite] - want[finite])) / magnitude
@@ -139,6 +139,31 @@ class CrossEntropyTests:
         ct = jnp.asarray(rng.standard_normal(batch), jnp.promote_types(dtype, jnp.float32))
         self.check(linear_cross_entropy_op, linear_cross_entropy_reference, [x, w, labels], ct,
                    self.LINEAR_KWARGS, w_layout=layout)
+
+    @pytest.mark.parametrize("blocks", ["small", "default"])
+    def test_softmax_special_values_match_the_reference(self, blocks):
+        """-inf and +inf logits: losses and gradients equal the float64 reference's, NaN and inf
+        in the same places, so a masked vocabulary or an overflowed logit spoils nothing else.
+        The vocabulary spans more than one default block of 4096, the first all -inf."""
+        vocab = 4096 + 37
+        rng = np.random.default_rng(11)
+        logits = rng.standard_normal((6, vocab)) * 3.0
+        labels = rng.integers(4096, vocab, size=6)
+        logits[0, :4096] = -np.inf  # a masked vocabulary: finite loss
+        logits[1, rng.integers(0, 4096)] = np.inf  # +inf elsewhere: loss +inf, one NaN gradient
+        logits[2, labels[2]] = -np.inf  # the label masked: loss +inf
+        logits[3, :] = -np.inf  # nothing left: NaN
+        logits[5, labels[5]] = np.inf  # the label itself +inf: NaN
+        args = [jnp.asarray(logits, jnp.float32), jnp.asarray(labels, jnp.int32)]
+        ct = jnp.asarray(rng.standard_normal(6), jnp.float32)
+        kwargs = self.SOFTMAX_KWARGS if blocks == "small" else {}
+        want_out, want_grads = reference64(softmax_cross_entropy_reference, args, ct)
+        assert np.isfinite(want_out[[0, 4]]).all() and np.isnan(want_out[[3, 5]]).all()
+        assert np.isposinf(want_out[[1, 2]]).all() and np.isfinite(want_grads[0][0]).all()
+        out, vjp = jax.vjp(lambda x: softmax_cross_entropy_op(
+            x, args[1], implementation=self.IMPLEMENTATION, **kwargs), args[0])
+        assert_close("loss", out, want_out, jnp.float32, jnp.float32)
+        assert_close("d(logits)", vjp(ct)[0], want_grads[0], jnp.float32, jnp.float32)
 
     def test_label_semantics(self):
         rng = np.random.default_rng(7)
@@ -260,3 +285,40 @@ def test_kernels_lower_through_triton(monkeypatch, case):
         lowered = jax.jit(jax.value_and_grad(loss, argnums=floats)).trace(*args).lower(
             lowering_platforms=("cuda",))
     assert lowered.as_text().count("triton") >= 2
+
+
+@pytest.mark.parametrize("case", ["softmax_vocab_0", "linear_vocab_0", "linear_d_0",
+                                  "softmax_rows_0", "linear_rows_0"])
+def test_zero_size_operands_work_or_decline(case):
+    """Empty logits' factors leave the kernels nothing to tile: "pallas" declines with its
+    reason and ["pallas", "xla"] falls back (never a ZeroDivisionError). No rows at all is an
+    empty result "pallas" returns itself. d = 0 gives logits of 0, a loss of log(vocab) and
+    zero gradients, as the float64 reference; an empty vocabulary leaves every label out of
+    range: NaN losses, as documented."""
+    kind, _, size = case.partition("_")
+    rows, d, vocab = {"vocab_0": (3, 4, 0), "d_0": (3, 0, 6), "rows_0": (0, 4, 6)}[size]
+    rng = np.random.default_rng(len(case))
+    labels = jnp.asarray(rng.integers(0, max(vocab, 1), rows), jnp.int32)
+    if kind == "softmax":
+        fn, reference = softmax_cross_entropy, softmax_cross_entropy_reference
+        args = [jnp.asarray(rng.standard_normal((rows, vocab)), jnp.float32)]
+    else:
+        fn, reference = linear_cross_entropy, linear_cross_entropy_reference
+        args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((rows, d), (d, vocab))]
+    ct = jnp.asarray(rng.standard_normal(rows), jnp.float32)
+    declines = rows > 0
+    if declines:
+        with pytest.raises(NotImplementedError, match="pallas: .*(empty vocabulary|zero-size)"):
+            fn(*args, labels, implementation="pallas")
+    want_out, want_grads = reference64(reference, [*args, labels], ct)
+    for implementation in [["pallas", "xla"]] + ([] if declines else ["pallas"]):
+        out, vjp = jax.vjp(lambda *a: fn(*a, labels, implementation=implementation), *args)
+        if vocab == 0 and kind == "linear":
+            assert np.isnan(np.asarray(out)).all()
+        else:
+            np.testing.assert_allclose(out, want_out, rtol=1e-6)
+        for got, want in zip(vjp(ct), want_grads):
+            assert got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+    if size == "d_0":
+        np.testing.assert_allclose(want_out, np.log(vocab))

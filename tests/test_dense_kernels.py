@@ -169,3 +169,34 @@ def test_kernels_lower_through_triton(monkeypatch, activation):
             lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
                 lowering_platforms=("cuda",))
         assert lowered.as_text().count("triton") >= 3  # forward, dx and dw kernels
+
+
+@pytest.mark.parametrize("op", ["dense_act", "gated_dense"])
+@pytest.mark.parametrize("rows,d_in,d_out", [(0, 8, 4), (3, 8, 0), (3, 0, 4)])
+def test_zero_size_operands_work_or_decline(op, rows, d_in, d_out):
+    """An empty output needs no kernel: "pallas" returns it, with zero gradients, as the float64
+    reference does. d_in = 0 leaves a non-empty output (act(b) for dense_act): "pallas"
+    declines with its reason and ["pallas", "xla"] falls back to the reference's answer."""
+    if op == "dense_act":
+        fn, reference = dense_act, dense_act_reference
+        shapes = [(rows, d_in), (d_in, d_out), (d_out,)]
+    else:
+        fn, reference = gated_dense, gated_dense_reference
+        shapes = [(rows, d_in), (d_in, d_out), (d_in, d_out)]
+    rng = np.random.default_rng(rows * 100 + d_in * 10 + d_out)
+    args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+    ct = jnp.asarray(rng.standard_normal((rows, d_out)), jnp.float32)
+    want_out, want_grads = reference64(reference, args, ct, activation="gelu_tanh")
+    declines = d_in == 0
+    if declines:
+        with pytest.raises(NotImplementedError, match="pallas: d_in = 0"):
+            fn(*args, activation="gelu_tanh", implementation="pallas")
+    for implementation in [["pallas", "xla"]] + ([] if declines else ["pallas"]):
+        out, vjp = jax.vjp(lambda *a: fn(*a, activation="gelu_tanh",
+                                         implementation=implementation), *args)
+        np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+        for got, want in zip(vjp(ct), want_grads):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if declines and op == "dense_act":
+        assert np.abs(want_out).max() > 0.1 and np.abs(want_grads[2]).max() > 0.1

@@ -99,6 +99,36 @@ class NormTests:
         for i, (got, want) in enumerate(zip(dparams, want_grads[1:])):
             assert_close(f"dparam{i}", got, want, dtype, params[i].dtype)
 
+    @pytest.mark.parametrize("case", ["ln_f32_large_eps", "ln_no_params", "rms_f32_large_eps"])
+    def test_traced_eps_values_and_gradients(self, case):
+        """eps passed through jit (traced) and differentiated: values and gradients, d(eps)
+        included, equal the float64 reference's."""
+        name, shape, dtype, param_dtype, n_params, eps = CASES[case]
+        op, reference = OPS[name]
+        x, params, ct = random_case(zlib.crc32(case.encode()) + 1, shape, dtype, param_dtype,
+                                    n_params)
+
+        @jax.jit
+        def value_and_grads(x, params, eps, ct):
+            out, vjp = jax.vjp(lambda x, params, eps: self.run(op, x, params, eps), x, params,
+                               eps)
+            return out, vjp(ct)
+
+        out, (dx, dparams, deps) = value_and_grads(x, params, jnp.float32(eps), ct)
+        with jax.enable_x64(True):
+            to64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
+            want_out, vjp = jax.vjp(lambda x, params, eps: reference(x, *params, eps=eps),
+                                    to64(x), [to64(p) for p in params], to64(eps))
+            want_dx, want_dparams, want_deps = vjp(to64(ct))
+        assert abs(float(want_deps)) > 1e-3  # eps matters at these sizes
+        assert_close("y", out, np.asarray(want_out), dtype, x.dtype)
+        assert_close("dx", dx, np.asarray(want_dx), dtype, x.dtype)
+        for i, (got, want) in enumerate(zip(dparams, want_dparams)):
+            assert_close(f"dparam{i}", got, np.asarray(want), dtype, params[i].dtype)
+        # d(eps) sums terms of both signs over every element: float32 cancels to about 1e-4.
+        assert deps.dtype == jnp.float32
+        np.testing.assert_allclose(float(deps), float(want_deps), rtol=1e-3)
+
     def test_eps_is_used(self):
         # Rows of constant value: the centred part is zero, and only eps keeps rms_norm finite.
         x = jnp.full((3, 8), 2.0)
@@ -168,7 +198,7 @@ def test_cpu_default_is_xla():
 
 
 @pytest.mark.parametrize("case", ["layer_norm_768_bf16_f32_params", "rms_norm_4096_bf16",
-                                  "rms_norm_13_no_scale"])
+                                  "rms_norm_13_no_scale", "layer_norm_96_traced_eps"])
 def test_kernels_lower_through_triton(monkeypatch, case):
     """The GPU path: forward and backward go through Pallas's Triton lowering (no GPU needed)."""
     monkeypatch.setattr(sys.modules["pallas_kernels.layer_norm.triton"], "interpret_mode",
@@ -182,6 +212,9 @@ def test_kernels_lower_through_triton(monkeypatch, case):
                                (S((8, 256, 4096), jnp.bfloat16), S((4096,), jnp.bfloat16))),
         "rms_norm_13_no_scale": (lambda x: rms_norm_pallas(x, eps=1e-6),
                                  (S((1000, 13), jnp.float32),)),
+        "layer_norm_96_traced_eps": (lambda x, s, eps: layer_norm_pallas(x, s, s, eps=eps),
+                                     (S((300, 96), jnp.float32), S((96,), jnp.float32),
+                                      S((), jnp.float32))),
     }[case]
     loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
     with _pallas_compat.gpu_lowering_target():

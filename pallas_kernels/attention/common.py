@@ -37,7 +37,7 @@ def canonicalize(q, k, v, mask, bias, scale):
     B, q_len, H, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"attention: q {q.shape} and k {k.shape} must agree on batch and head_dim")
-    if H % k.shape[2] != 0:
+    if k.shape[2] == 0 or H % k.shape[2] != 0:
         raise ValueError(f"attention: q heads ({H}) must be a multiple of k/v heads "
                          f"({k.shape[2]}) for grouped-query attention")
     target = (B, H, q_len, k.shape[1])
@@ -53,7 +53,7 @@ def canonicalize(q, k, v, mask, bias, scale):
             raise TypeError(f"attention: bias must be floating point, got {bias.dtype}")
         bias = _as_4d(bias, "bias", target)
     if scale is None:
-        scale = D ** -0.5
+        scale = D ** -0.5 if D else 1.0  # without features every logit is 0 whatever the scale
     else:
         try:
             scale = float(scale)

@@ -34,7 +34,7 @@ def attention_reference(q, k, v, *, causal=False, mask=None, bias=None, scale=No
         keep = tri if keep is None else keep & tri
     if keep is not None:
         s = jnp.where(keep, s, -jnp.inf)
-    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf))
     p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m))
     l = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(l == 0.0, 1.0, l)

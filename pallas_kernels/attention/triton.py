@@ -274,6 +274,14 @@ def _row_block_logits(plan: _Plan, q, q0, k0, shape, k_ref, v_ref, mask_ref, bia
     return k, v, s if keep is None else jnp.where(keep, s, -jnp.inf)
 
 
+def _probabilities(s, m, inv_l):
+    """Softmax probabilities of a logits tile from the forward's row statistics (broadcast to the
+    tile). The max and the sum stay apart: s - m is exact near the max, while a single
+    log-sum-exp m + log2(l) would round to m's precision and the rows' sums drift from 1 as
+    the logits grow."""
+    return jnp.exp2(s - m) * inv_l
+
+
 def _row_spec(layout: _Layout, plan: _Plan, block_q: int):
     """BlockSpec of a 4-D mask/bias for the kernels gridded over (batch, head, query block)."""
     sq = compat.squeezed
@@ -290,7 +298,7 @@ def _row_spec(layout: _Layout, plan: _Plan, block_q: int):
 
 
 def _fwd_kernel(*refs, plan: _Plan):
-    q_ref, k_ref, v_ref, mask_ref, bias_ref, (o_ref, lse_ref) = _split_refs(refs, plan)
+    q_ref, k_ref, v_ref, mask_ref, bias_ref, (o_ref, m_ref, inv_l_ref) = _split_refs(refs, plan)
     cfg = plan.config
     bq, bk = cfg.block_q, cfg.block_k
     q0 = pl.program_id(2) * bq
@@ -315,8 +323,9 @@ def _fwd_kernel(*refs, plan: _Plan):
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    # +inf for rows without keys: the backward's exp2(s - lse) is then 0 for every s.
-    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l_safe))
+    # +inf for rows without keys: the backward's exp2(s - m) is then 0 for every s.
+    m_ref[...] = jnp.where(empty, jnp.inf, m)
+    inv_l_ref[...] = 1.0 / l_safe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +333,8 @@ def _fwd_kernel(*refs, plan: _Plan):
 
 
 def _forward(q, k, v, mask, bias, plan: _Plan):
-    """Padded inputs -> (output, base-2 log-sum-exp of shape (batch, heads, q_pad))."""
+    """Padded inputs -> (output, (row max in base 2, 1 / row sum)), the statistics of shape
+    (batch, heads, q_pad)."""
     cfg = plan.config
     bq = cfg.block_q
     sq = compat.squeezed
@@ -339,18 +349,20 @@ def _forward(q, k, v, mask, bias, plan: _Plan):
         if layout is not None:
             in_specs.append(_row_spec(layout, plan, bq))
             args.append(arr)
-    return pl.pallas_call(
+    stat_shape = jax.ShapeDtypeStruct((plan.batch, plan.heads, plan.q_pad), _F32)
+    stat_block = pl.BlockSpec((sq, sq, bq), lambda b, h, i: (b, h, i))
+    out, m, inv_l = pl.pallas_call(
         functools.partial(_fwd_kernel, plan=plan),
-        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((plan.batch, plan.heads, plan.q_pad), _F32)),
+        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape, stat_shape),
         grid=(plan.batch, plan.heads, plan.q_pad // bq),
         in_specs=in_specs,
-        out_specs=(pl.BlockSpec((sq, bq, sq, d), lambda b, h, i: (b, i, h, 0)),
-                   pl.BlockSpec((sq, sq, bq), lambda b, h, i: (b, h, i))),
+        out_specs=(pl.BlockSpec((sq, bq, sq, d), lambda b, h, i: (b, i, h, 0)), stat_block,
+                   stat_block),
         compiler_params=plan.params(backward=False),
         interpret=plan.interpret,
         name="attention_fwd",
     )(*args)
+    return out, (m, inv_l)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +378,7 @@ def _dkv_kernel(*refs, plan: _Plan):
     """dK and dV of one key block: loop over the query heads of its GQA group and their query
     blocks. Works on transposed tiles (keys x queries) so every matmul operand is loaded data."""
     q_ref, k_ref, v_ref, mask_ref, bias_ref, rest = _split_refs(refs, plan)
-    do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
+    do_ref, m_ref, inv_l_ref, delta_ref, dk_ref, dv_ref = rest
     cfg = plan.config
     bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
     k0 = pl.program_id(2) * bk
@@ -384,7 +396,8 @@ def _dkv_kernel(*refs, plan: _Plan):
         q0 = pl.multiple_of(i * bq, bq)
         q = q_ref[pl.ds(q0, bq), g, :]
         do = do_ref[pl.ds(q0, bq), g, :]
-        lse = lse_ref[g, pl.ds(q0, bq)]
+        m = m_ref[g, pl.ds(q0, bq)]
+        inv_l = inv_l_ref[g, pl.ds(q0, bq)]
         delta = delta_ref[g, pl.ds(q0, bq)]
         s_t = _dot_nt(k, q) * qk_scale
         if bias_ref is not None:
@@ -393,7 +406,7 @@ def _dkv_kernel(*refs, plan: _Plan):
         keep = _keep(plan, q0, k0, (bk, bq), mask_tile, structural, transposed=True)
         if keep is not None:
             s_t = jnp.where(keep, s_t, -jnp.inf)
-        p_t = jnp.exp2(s_t - lse[None, :])
+        p_t = _probabilities(s_t, m[None, :], inv_l[None, :])
         dv = dv + _dot_nn(p_t.astype(do.dtype), do)
         dp_t = _dot_nt(v, do)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -414,13 +427,14 @@ def _dkv_kernel(*refs, plan: _Plan):
 
 def _dq_kernel(*refs, plan: _Plan):
     q_ref, k_ref, v_ref, mask_ref, bias_ref, rest = _split_refs(refs, plan)
-    do_ref, lse_ref, delta_ref, dq_ref = rest
+    do_ref, m_ref, inv_l_ref, delta_ref, dq_ref = rest
     cfg = plan.config
     bq, bk = cfg.block_q_dq, cfg.block_k_dq
     q0 = pl.program_id(2) * bq
     q = q_ref[...]
     do = do_ref[...]
-    lse = lse_ref[...]
+    m = m_ref[...]
+    inv_l = inv_l_ref[...]
     delta = delta_ref[...]
     qk_scale = plan.scale * LOG2E
 
@@ -428,7 +442,7 @@ def _dq_kernel(*refs, plan: _Plan):
         k0 = pl.multiple_of(j * bk, bk)
         k, v, s = _row_block_logits(plan, q, q0, k0, (bq, bk), k_ref, v_ref, mask_ref,
                                     bias_ref, qk_scale, structural)
-        p = jnp.exp2(s - lse[:, None])
+        p = _probabilities(s, m[:, None], inv_l[:, None])
         ds = p * (_dot_nt(do, v) - delta[:, None])
         return dq + _dot_nn(ds.astype(k.dtype), k)
 
@@ -447,7 +461,7 @@ def _dbias_kernel(*refs, plan: _Plan):
     unless the bias itself has that shape.
     """
     q_ref, k_ref, v_ref, mask_ref, bias_ref, rest = _split_refs(refs, plan)
-    do_ref, lse_ref, delta_ref, dbias_ref = rest
+    do_ref, m_ref, inv_l_ref, delta_ref, dbias_ref = rest
     cfg, lay = plan.config, plan.bias
     bq, bk = cfg.block_q_dq, cfg.block_k_dq
     qk_scale = plan.scale * LOG2E
@@ -475,14 +489,15 @@ def _dbias_kernel(*refs, plan: _Plan):
         k = k_ref[b, pl.ds(k0, bk), kv_h, :]
         v = v_ref[b, pl.ds(k0, bk), kv_h, :]
         do = do_ref[b, pl.ds(q0, bq), h, :]
-        lse = lse_ref[b, h, pl.ds(q0, bq)]
+        m = m_ref[b, h, pl.ds(q0, bq)]
+        inv_l = inv_l_ref[b, h, pl.ds(q0, bq)]
         delta = delta_ref[b, h, pl.ds(q0, bq)]
         s = _dot_nt(q, k) * qk_scale + bias_ref[index(lay, b, h, q0, k0)].astype(_F32) * LOG2E
         mask_tile = None if mask_ref is None else mask_ref[index(plan.mask, b, h, q0, k0)]
         keep = _keep(plan, q0, k0, (bq, bk), mask_tile, structural=True)
         if keep is not None:
             s = jnp.where(keep, s, -jnp.inf)
-        p = jnp.exp2(s - lse[:, None])
+        p = _probabilities(s, m[:, None], inv_l[:, None])
         ds = p * (_dot_nt(do, v) - delta[:, None])
         if not lay.q:
             ds = jnp.sum(ds, axis=0, keepdims=True)
@@ -498,7 +513,7 @@ def _dbias_kernel(*refs, plan: _Plan):
 # Backward wrapper
 
 
-def _backward(q, k, v, mask, bias, out, lse, do, plan: _Plan):
+def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
     cfg = plan.config
     sq = compat.squeezed
     d, group = plan.head_dim, plan.group
@@ -535,10 +550,10 @@ def _backward(q, k, v, mask, bias, out, lse, do, plan: _Plan):
         out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
         grid=(B, Hkv, plan.kv_pad // bk),
         in_specs=[group_rows, key_block, key_block, *(group_spec(lay) for _, lay in mask_bias),
-                  group_rows, group_stats, group_stats],
+                  group_rows, group_stats, group_stats, group_stats],
         out_specs=(key_block, key_block),
         compiler_params=params, interpret=plan.interpret, name="attention_bwd_dkv",
-    )(q, k, v, *(arr for arr, _ in mask_bias), do, lse, delta)
+    )(q, k, v, *(arr for arr, _ in mask_bias), do, *stats, delta)
 
     # dQ: grid over (batch, head, query block).
     all_keys = pl.BlockSpec((sq, plan.kv_pad, sq, d), lambda b, h, i: (b, 0, h // group, 0))
@@ -547,10 +562,10 @@ def _backward(q, k, v, mask, bias, out, lse, do, plan: _Plan):
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(B, H, plan.q_pad // bq),
         in_specs=[row_block, all_keys, all_keys, *(_row_spec(lay, plan, bq) for _, lay in mask_bias),
-                  row_block, stat_block, stat_block],
+                  row_block, stat_block, stat_block, stat_block],
         out_specs=row_block,
         compiler_params=params, interpret=plan.interpret, name="attention_bwd_dq",
-    )(q, k, v, *(arr for arr, _ in mask_bias), do, lse, delta)
+    )(q, k, v, *(arr for arr, _ in mask_bias), do, *stats, delta)
 
     dbias = None
     if bias is not None:
@@ -560,7 +575,7 @@ def _backward(q, k, v, mask, bias, out, lse, do, plan: _Plan):
         grid = (bias.shape[0], bias.shape[1], bias.shape[2] // out_block[0],
                 bias.shape[3] // out_block[1])
         whole = [pl.BlockSpec(a.shape, lambda *_, n=a.ndim: (0,) * n)
-                 for a in (q, k, v, *(arr for arr, _ in mask_bias), do, lse, delta)]
+                 for a in (q, k, v, *(arr for arr, _ in mask_bias), do, *stats, delta)]
         dbias = pl.pallas_call(
             functools.partial(_dbias_kernel, plan=plan),
             out_shape=jax.ShapeDtypeStruct(bias.shape, _F32),
@@ -568,7 +583,7 @@ def _backward(q, k, v, mask, bias, out, lse, do, plan: _Plan):
             in_specs=whole,
             out_specs=pl.BlockSpec((sq, sq, *out_block), lambda b, h, i, j: (b, h, i, j)),
             compiler_params=params, interpret=plan.interpret, name="attention_bwd_dbias",
-        )(q, k, v, *(arr for arr, _ in mask_bias), do, lse, delta).astype(bias.dtype)
+        )(q, k, v, *(arr for arr, _ in mask_bias), do, *stats, delta).astype(bias.dtype)
     return dq, dk, dv, dbias
 
 
@@ -582,13 +597,13 @@ def _flash(q, k, v, bias, mask, plan):
 
 
 def _flash_fwd(q, k, v, bias, mask, plan):
-    out, lse = _forward(q, k, v, mask, bias, plan)
-    return out, (q, k, v, bias, mask, out, lse)
+    out, stats = _forward(q, k, v, mask, bias, plan)
+    return out, (q, k, v, bias, mask, out, stats)
 
 
 def _flash_bwd(plan, residuals, do):
-    q, k, v, bias, mask, out, lse = residuals
-    dq, dk, dv, dbias = _backward(q, k, v, mask, bias, out, lse, do, plan)
+    q, k, v, bias, mask, out, stats = residuals
+    dq, dk, dv, dbias = _backward(q, k, v, mask, bias, out, stats, do, plan)
     return dq, dk, dv, dbias, None
 
 
@@ -641,8 +656,6 @@ def _flash_attention(q, k, v, mask, bias, *, causal, scale, config, interpret):
 def _unsupported_by_kernel(q, k) -> str | None:
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype} is not supported (float32, bfloat16, float16)"
-    if q.shape[1] == 0 or k.shape[1] == 0:
-        return "empty sequences are not supported"
     if q.shape[3] > 256:
         return f"head_dim {q.shape[3]} > 256 does not fit the kernel's registers"
     return None
@@ -658,6 +671,8 @@ def pallas_attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
     and compiled once per signature first, and a failure there declines the call.
     """
     q, k, v, mask, bias, scale = canonicalize(q, k, v, mask, bias, scale)
+    if q.size == 0 or k.shape[1] == 0:  # no output to write, or no keys: rows without keys are 0
+        return jnp.zeros(q.shape, q.dtype)
     reason = _unsupported_by_kernel(q, k)
     if reason is not None:
         raise NotImplementedError(reason)

@@ -382,7 +382,18 @@ _gated_dense_pallas.defvjp(_gated_dense_pallas_fwd, _gated_dense_pallas_bwd)
 def _flatten(x, weights):
     """Promote x and the weights to one dtype and x to [rows, d_in]."""
     dtype = jnp.result_type(x, *weights)
-    return x.reshape(-1, x.shape[-1]).astype(dtype), [w.astype(dtype) for w in weights]
+    rows = math.prod(x.shape[:-1])
+    return x.reshape(rows, x.shape[-1]).astype(dtype), [w.astype(dtype) for w in weights]
+
+
+def _empty_output(x, m: int, k: int, n: int, dtype):
+    """The output when it has no elements (its gradients are then zero), None when the kernels
+    have work to do; an empty contraction with a non-empty output, act(b) alone, is declined."""
+    if m == 0 or n == 0:
+        return jnp.zeros((*x.shape[:-1], n), dtype)
+    if k == 0:
+        raise NotImplementedError("d_in = 0: no matmul to tile, the output is act(bias) alone")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,6 +403,9 @@ def dense_act_pallas(x, w, b=None, *, activation: str, config: DenseConfig | Non
     """dense_act through the Pallas kernels; `config` fixes tile sizes (else tuned/heuristic)."""
     x2d, (w,) = _flatten(x, [w])
     m, (k, n) = x2d.shape[0], w.shape
+    empty = _empty_output(x, m, k, n, jnp.result_type(x2d, w, *([b] if b is not None else [])))
+    if empty is not None:
+        return empty
     if config is None:
         config = tuned_config(f"dense_act/{activation}/pallas", dense_act_pallas, (x, w, b),
                               {"activation": activation}, dense_config_space(m, n, k),
@@ -404,6 +418,9 @@ def gated_dense_pallas(x, w_gate, w_up, *, activation: str, config: DenseConfig 
     """gated_dense through the Pallas kernels; `config` fixes tile sizes (else tuned/heuristic)."""
     x2d, (w_gate, w_up) = _flatten(x, [w_gate, w_up])
     m, (k, n) = x2d.shape[0], w_gate.shape
+    empty = _empty_output(x, m, k, n, x2d.dtype)
+    if empty is not None:
+        return empty
     if config is None:
         config = tuned_config(f"gated_dense/{activation}/pallas", gated_dense_pallas,
                               (x, w_gate, w_up), {"activation": activation},

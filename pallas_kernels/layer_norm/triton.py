@@ -9,6 +9,9 @@ and masked), so statistics take two passes over registers, not over memory. Back
 number of programs, each looping over its own contiguous rows, writes dx and one partial row of
 dscale and dbias; the partials ([programs, features], far smaller than the input) are summed
 afterwards. Nothing larger than the input is materialised.
+
+`eps` is an operand (a [1] float32 array), so it may be traced; when it is, the backward also
+writes partial rows of d(loss)/d(eps), summed like dscale's.
 """
 from __future__ import annotations
 
@@ -62,10 +65,10 @@ def _masks(row0, block_rows: int, width: int, n_rows: int, n_cols: int):
 # ----------------------------------------------------------------------------------------------
 # Forward kernel
 
-def _norm_forward_kernel(*refs, centered: bool, has_scale: bool, has_bias: bool, eps: float,
+def _norm_forward_kernel(*refs, centered: bool, has_scale: bool, has_bias: bool,
                          n_rows: int, n_cols: int):
     refs = iter(refs)
-    x_ref = next(refs)
+    x_ref, eps_ref = next(refs), next(refs)
     scale_ref = next(refs) if has_scale else None
     bias_ref = next(refs) if has_bias else None
     y_ref = next(refs)
@@ -79,7 +82,7 @@ def _norm_forward_kernel(*refs, centered: bool, has_scale: bool, has_bias: bool,
     if centered:
         mean = jnp.sum(x, axis=1) / n_cols
         x = jnp.where(mask, x - mean[:, None], 0.0)
-    rstd = lax.rsqrt(jnp.sum(x * x, axis=1) / n_cols + eps)
+    rstd = lax.rsqrt(jnp.sum(x * x, axis=1) / n_cols + eps_ref[0])
     y = x * rstd[:, None]
     if has_scale:
         y = y * plgpu.load(scale_ref, mask=col_mask, other=0.0).astype(jnp.float32)[None, :]
@@ -93,26 +96,28 @@ def _norm_forward_kernel(*refs, centered: bool, has_scale: bool, has_bias: bool,
 
 # Forward wrapper
 
-def norm_forward(x, scale, bias, *, centered: bool, eps: float, config: NormConfig):
-    """x: [rows, features] -> (y, mean or None, rstd); statistics are float32 [rows]."""
+def norm_forward(x, scale, bias, eps, *, centered: bool, config: NormConfig):
+    """x: [rows, features], eps: [1] float32 -> (y, mean or None, rstd); statistics are float32
+    [rows]."""
     n_rows, n_cols = x.shape
     width = pl.next_power_of_2(n_cols)
     block_rows = config.block_rows
     row_block = pl.BlockSpec((block_rows, width), lambda i: (i, 0))
     vector = pl.BlockSpec((width,), lambda i: (0,))
+    scalar = pl.BlockSpec((1,), lambda i: (0,))
     stat = pl.BlockSpec((block_rows,), lambda i: (i,))
     stat_shape = jax.ShapeDtypeStruct((n_rows,), jnp.float32)
-    operands = [x] + [a for a in (scale, bias) if a is not None]
+    operands = [x, eps] + [a for a in (scale, bias) if a is not None]
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)] + [stat_shape] * (2 if centered else 1)
     interpret = interpret_mode()
     kernel = functools.partial(
         _norm_forward_kernel, centered=centered, has_scale=scale is not None,
-        has_bias=bias is not None, eps=float(eps), n_rows=n_rows, n_cols=n_cols)
+        has_bias=bias is not None, n_rows=n_rows, n_cols=n_cols)
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=(pl.cdiv(n_rows, block_rows),),
-        in_specs=[row_block] + [vector] * (len(operands) - 1),
+        in_specs=[row_block, scalar] + [vector] * (len(operands) - 2),
         out_specs=[row_block] + [stat] * (len(out_shape) - 1),
         compiler_params=compat.gpu_compiler_params(num_warps=config.num_warps, num_stages=1,
                                                    interpret=interpret),
@@ -127,7 +132,7 @@ def norm_forward(x, scale, bias, *, centered: bool, eps: float, config: NormConf
 # ----------------------------------------------------------------------------------------------
 # Backward kernel
 
-def _norm_backward_kernel(*refs, centered: bool, has_scale: bool, has_bias: bool,
+def _norm_backward_kernel(*refs, centered: bool, has_scale: bool, has_bias: bool, eps_grad: bool,
                           n_rows: int, n_cols: int, block_rows: int):
     refs = iter(refs)
     x_ref, dy_ref = next(refs), next(refs)
@@ -137,6 +142,7 @@ def _norm_backward_kernel(*refs, centered: bool, has_scale: bool, has_bias: bool
     dx_ref = next(refs)
     dscale_ref = next(refs) if has_scale else None
     dbias_ref = next(refs) if has_bias else None
+    deps_ref = next(refs) if eps_grad else None
 
     rows_per_program, width = x_ref.shape
     first_row = pl.program_id(0) * rows_per_program
@@ -145,7 +151,7 @@ def _norm_backward_kernel(*refs, centered: bool, has_scale: bool, has_bias: bool
              if has_scale else None)
 
     def step(s, sums):
-        dscale_sum, dbias_sum = sums
+        dscale_sum, dbias_sum, deps_sum = sums
         r0 = pl.multiple_of(s * block_rows, block_rows)
         row_mask, _, mask = _masks(first_row + r0, block_rows, width, n_rows, n_cols)
         rows = pl.ds(r0, block_rows)
@@ -158,23 +164,30 @@ def _norm_backward_kernel(*refs, centered: bool, has_scale: bool, has_bias: bool
         xhat = jnp.where(mask, x * rstd[:, None], 0.0)
         g = dy * scale[None, :] if has_scale else dy
         dx = g - xhat * (jnp.sum(g * xhat, axis=1) / n_cols)[:, None]
+        # d(rstd)/d(eps) = -rstd**3 / 2, so d(loss)/d(eps) sums -rstd**2 / 2 * g * xhat.
         if centered:
             dx = dx - (jnp.sum(g, axis=1) / n_cols)[:, None]
         plgpu.store(dx_ref.at[rows, :], (dx * rstd[:, None]).astype(dx_ref.dtype), mask=mask)
-        return dscale_sum + jnp.sum(dy * xhat, axis=0), dbias_sum + jnp.sum(dy, axis=0)
+        return (dscale_sum + jnp.sum(dy * xhat, axis=0), dbias_sum + jnp.sum(dy, axis=0),
+                deps_sum - 0.5 * jnp.sum((rstd * rstd)[:, None] * g * xhat, axis=0))
 
     zeros = jnp.zeros((width,), jnp.float32)
-    dscale_sum, dbias_sum = lax.fori_loop(0, rows_per_program // block_rows, step, (zeros, zeros))
+    dscale_sum, dbias_sum, deps_sum = lax.fori_loop(0, rows_per_program // block_rows, step,
+                                                    (zeros, zeros, zeros))
     if has_scale:
         plgpu.store(dscale_ref, dscale_sum, mask=col_mask)
     if has_bias:
         plgpu.store(dbias_ref, dbias_sum, mask=col_mask)
+    if eps_grad:
+        plgpu.store(deps_ref, deps_sum, mask=col_mask)
 
 
 # Backward wrapper
 
-def norm_backward(x, scale, bias, mean, rstd, dy, *, centered: bool, config: NormConfig):
-    """Gradients (dx, dscale or None, dbias or None) of `norm_forward`'s y, given dy."""
+def norm_backward(x, scale, bias, mean, rstd, dy, *, centered: bool, eps_grad: bool,
+                  config: NormConfig):
+    """Gradients (dx, dscale or None, dbias or None, deps: [1] float32 if `eps_grad` else None)
+    of `norm_forward`'s y, given dy."""
     n_rows, n_cols = x.shape
     width = pl.next_power_of_2(n_cols)
     block_rows = config.bwd_block_rows
@@ -192,11 +205,12 @@ def norm_backward(x, scale, bias, mean, rstd, dy, *, centered: bool, config: Nor
     if scale is not None:
         operands.append(scale)
         in_specs.append(vector)
-    n_partials = (scale is not None) + (bias is not None)
+    n_partials = (scale is not None) + (bias is not None) + eps_grad
     interpret = interpret_mode()
     kernel = functools.partial(
         _norm_backward_kernel, centered=centered, has_scale=scale is not None,
-        has_bias=bias is not None, n_rows=n_rows, n_cols=n_cols, block_rows=block_rows)
+        has_bias=bias is not None, eps_grad=eps_grad, n_rows=n_rows, n_cols=n_cols,
+        block_rows=block_rows)
     dx, *partials = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)] + [partial_shape] * n_partials,
@@ -211,25 +225,38 @@ def norm_backward(x, scale, bias, mean, rstd, dy, *, centered: bool, config: Nor
     partials = iter(partials)
     dscale = next(partials).sum(axis=0).astype(scale.dtype) if scale is not None else None
     dbias = next(partials).sum(axis=0).astype(bias.dtype) if bias is not None else None
-    return dx, dscale, dbias
+    deps = next(partials).sum().reshape(1) if eps_grad else None
+    return dx, dscale, dbias, deps
 
 
 # ----------------------------------------------------------------------------------------------
 # custom_vjp wiring
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _layer_norm_pallas(x, scale, bias, eps, config):
-    return norm_forward(x, scale, bias, centered=True, eps=eps, config=config)[0]
+def eps_operand(eps):
+    """(eps as a [1] float32 array, whether its gradient may be asked for: only a traced eps
+    can be differentiated, and only then does the backward compute it)."""
+    return jnp.asarray(eps, jnp.float32).reshape(1), isinstance(eps, jax.core.Tracer)
 
 
-def _layer_norm_pallas_fwd(x, scale, bias, eps, config):
-    y, mean, rstd = norm_forward(x, scale, bias, centered=True, eps=eps, config=config)
+def eps_cotangent(deps):
+    return jnp.zeros((1,), jnp.float32) if deps is None else deps
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _layer_norm_pallas(x, scale, bias, eps, eps_grad, config):
+    return norm_forward(x, scale, bias, eps, centered=True, config=config)[0]
+
+
+def _layer_norm_pallas_fwd(x, scale, bias, eps, eps_grad, config):
+    y, mean, rstd = norm_forward(x, scale, bias, eps, centered=True, config=config)
     return y, (x, scale, bias, mean, rstd)
 
 
-def _layer_norm_pallas_bwd(eps, config, residuals, dy):
+def _layer_norm_pallas_bwd(eps_grad, config, residuals, dy):
     x, scale, bias, mean, rstd = residuals
-    return norm_backward(x, scale, bias, mean, rstd, dy, centered=True, config=config)
+    dx, dscale, dbias, deps = norm_backward(x, scale, bias, mean, rstd, dy, centered=True,
+                                            eps_grad=eps_grad, config=config)
+    return dx, dscale, dbias, eps_cotangent(deps)
 
 
 _layer_norm_pallas.defvjp(_layer_norm_pallas_fwd, _layer_norm_pallas_bwd)
@@ -248,4 +275,4 @@ def layer_norm_pallas(x, scale=None, bias=None, *, eps: float, config: NormConfi
         config = tuned_config("layer_norm/pallas", layer_norm_pallas, (x, scale, bias),
                               {"eps": eps}, norm_config_space(*x2d.shape),
                               norm_config_heuristic(*x2d.shape))
-    return _layer_norm_pallas(x2d, scale, bias, float(eps), config).reshape(x.shape)
+    return _layer_norm_pallas(x2d, scale, bias, *eps_operand(eps), config).reshape(x.shape)

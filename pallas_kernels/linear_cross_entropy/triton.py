@@ -402,7 +402,10 @@ def linear_cross_entropy_pallas(x, w, labels, *, w_layout: str = "dv",
     dtype = jnp.result_type(x, w)
     if labels.size == 0:
         return jnp.zeros(labels.shape, linear_loss_dtype(x, w))
-    x2d = x.reshape(-1, d).astype(dtype)
+    if d == 0 or vocab == 0:
+        raise NotImplementedError(f"zero-size logits' factors (d = {d}, vocab = {vocab}): the "
+                                  f"kernels tile neither")
+    x2d = x.reshape(labels.size, d).astype(dtype)
     w = w.astype(dtype)
     if config is None:
         shape = (x2d.shape[0], d, vocab, jnp.dtype(dtype).itemsize)

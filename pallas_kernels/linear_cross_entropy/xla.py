@@ -16,7 +16,7 @@ from pallas_kernels.softmax_cross_entropy.common import normalize_labels
 def _xla_chunks(vocab: int, chunk: int) -> list[tuple[int, int]]:
     """[(chunk size, count)]: the full chunks, then the tail if `chunk` does not divide vocab."""
     full, tail = divmod(vocab, chunk)
-    return [(chunk, full)] + ([(tail, 1)] if tail else [])
+    return ([(chunk, full)] if full else []) + ([(tail, 1)] if tail else [])
 
 
 def _xla_chunk_logits(x, w, start, size, layout):
@@ -113,9 +113,9 @@ def linear_cross_entropy_xla(x, w, labels, *, w_layout: str = "dv"):
     dtype = jnp.result_type(x, w)
     if labels.size == 0:
         return jnp.zeros(labels.shape, linear_loss_dtype(x, w))
-    x2d = x.reshape(-1, d).astype(dtype)
+    x2d = x.reshape(labels.size, d).astype(dtype)
     # Chunks whose logits take about 64 MB; at least 128 columns (the whole vocab if less).
-    chunk = min(vocab, chunk_columns(x2d.shape[0], vocab, jnp.dtype(dtype).itemsize, 128))
+    chunk = max(1, min(vocab, chunk_columns(labels.size, vocab, jnp.dtype(dtype).itemsize, 128)))
     loss = _linear_ce_xla(x2d, w.astype(dtype), normalize_labels(labels.reshape(-1), vocab),
                           w_layout, chunk)
     return loss.astype(linear_loss_dtype(x, w)).reshape(labels.shape)

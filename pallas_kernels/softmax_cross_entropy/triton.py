@@ -172,7 +172,9 @@ def softmax_cross_entropy_pallas(logits, labels, *, config: CrossEntropyConfig |
     vocab = logits.shape[-1]
     if labels.size == 0:
         return jnp.zeros(labels.shape, logits.dtype)
-    logits2d = logits.reshape(-1, vocab)
+    if vocab == 0:
+        raise NotImplementedError("an empty vocabulary (logits [..., 0]): the kernels tile none")
+    logits2d = logits.reshape(labels.size, vocab)
     if config is None:
         config = tuned_config("softmax_cross_entropy/pallas", softmax_cross_entropy_pallas,
                               (logits, labels), {},
