@@ -3,7 +3,7 @@
 A pattern matches one value (an atom) of a region by walking back through the equations that
 produce it. Building blocks:
 
-- `Any(name)`: a wildcard; it captures the value under `name`, and a name matched twice must be
+- `Wildcard(name)`: any value; it captures the value under `name`, and a name matched twice must be
   the same value. Constraints: `rank=`, `dtype=`, `shape=` (None entries are free), `where=`.
 - `Lit(value)`: a scalar constant, compared with a float tolerance (also seen through
   `broadcast_in_dim`/`reshape`/`convert_element_type` of a literal); `Lit(name="eps")` captures it.
@@ -11,7 +11,8 @@ produce it. Building blocks:
   parameters are compared to values or checked by predicates `fn(value, eqn) -> True | str`.
 - `Alt(a, b)` (or `a | b`), `maybe_cast(p)`, `Capture(name, p)`, `Same(name)`,
   `Product(*factors)` (a product of factors in any order and association, divisions included;
-  factors may be `Inverse(p)` (a divisor) or `Optional(p)`), `RowVector(name)` (a vector
+  factors may be `Inverse(p)` (a divisor) or `OptionalFactor(p)`; both are rejected anywhere
+  else), `RowVector(name)` (a vector
   broadcast along the last axis), `Keep(p)` (optionally re-shaped to keep a reduced axis).
 - `Example(fn, *example_args)`: pattern by example. `fn` is traced on small example arguments,
   canonicalized, and turned into a pattern over primitives; at match time it is traced again on
@@ -200,6 +201,11 @@ class Pattern:
         """Primitives the matched value may be produced by (None: any value, not anchorable)."""
         return None
 
+    def captures(self):
+        """(names of captured values, names of captured constants) this pattern may bind;
+        None where unknown (a user-defined pattern), which turns `PatternRule`'s check off."""
+        return None
+
     def __or__(self, other):
         return Alt(self, other)
 
@@ -212,12 +218,15 @@ class Pattern:
         return Capture(name, self)
 
 
-class Any(Pattern):
+class Wildcard(Pattern):
     """Any value (input, literal or intermediate), captured under `name` when given."""
 
     def __init__(self, name: str | None = None, *, rank=None, dtype=None, shape=None,
                  where: Callable | None = None):
         self.name, self.rank, self.dtype, self.shape, self.pred = name, rank, dtype, shape, where
+
+    def captures(self):
+        return frozenset([self.name] if self.name else ()), frozenset()
 
     def match(self, st, atom):
         label = self.name or "_"
@@ -242,6 +251,9 @@ class Same(Pattern):
     def __init__(self, name: str):
         self.name = name
 
+    def captures(self):
+        return frozenset(), frozenset()
+
     def match(self, st, atom):
         if self.name not in st.bindings:
             return st.fail("{} is not captured yet", self.name)
@@ -260,6 +272,9 @@ class Lit(Pattern):
     def __init__(self, value: float | None = None, *, name: str | None = None,
                  rtol: float = 1e-6, atol: float = 0.0, where: Callable | None = None):
         self.value, self.name, self.rtol, self.atol, self.pred = value, name, rtol, atol, where
+
+    def captures(self):
+        return frozenset(), frozenset([self.name] if self.name else ())
 
     def match(self, st, atom):
         v = literal_value(st.region, atom)
@@ -297,6 +312,29 @@ def _prim_names(prims) -> str:
     return "|".join(p.name for p in prims)
 
 
+def _union_captures(patterns, values=(), constants=()):
+    """The captures of `patterns` plus the given names; None if any is unknown."""
+    values, constants = set(values), set(constants)
+    for p in patterns:
+        c = p.captures()
+        if c is None:
+            return None
+        values |= c[0]
+        constants |= c[1]
+    return frozenset(values), frozenset(constants)
+
+
+def _no_factor_marker(pattern, where: str):
+    """`Inverse` and `OptionalFactor` only mean something as factors of a `Product`."""
+    for p in pattern.alternatives if isinstance(pattern, Alt) else (pattern,):
+        if isinstance(p, (Inverse, OptionalFactor)):
+            raise TypeError(f"{type(p).__name__}(...) is only meaningful as a factor of a "
+                            f"Product, not as {where}")
+        if isinstance(p, Alt):
+            _no_factor_marker(p, where)
+    return pattern
+
+
 class Op(Pattern):
     """An equation applying `primitive` (or one of a tuple) whose operands match `operands`.
 
@@ -306,7 +344,7 @@ class Op(Pattern):
       name: capture the result; if the name is already bound the value must be that one.
       params: {param name: expected value or predicate `fn(value, eqn) -> True | str`}.
       commutative: a binary operation whose operands may come in either order.
-      rank, dtype, shape, where: constraints on the result, as for `Any`.
+      rank, dtype, shape, where: constraints on the result, as for `Wildcard`.
     """
 
     def __init__(self, primitive, *operands, name: str | None = None, params: dict | None = None,
@@ -314,7 +352,8 @@ class Op(Pattern):
                  where: Callable | None = None):
         self.prims = _prims(primitive)
         self._names = _prim_names(self.prims)
-        self.operands = tuple(operands)
+        self.operands = tuple(_no_factor_marker(p, f"an operand of `{self._names}`")
+                              for p in operands)
         self._operand_roots = tuple(p.root_primitives() for p in self.operands)
         self.name, self.params, self.commutative = name, dict(params or {}), commutative
         self.rank, self.dtype, self.shape, self.pred = rank, dtype, shape, where
@@ -323,6 +362,9 @@ class Op(Pattern):
 
     def root_primitives(self):
         return frozenset(self.prims)
+
+    def captures(self):
+        return _union_captures(self.operands, [self.name] if self.name else ())
 
     def match(self, st, atom):
         if self.name is not None and self.name in st.bindings:
@@ -417,6 +459,9 @@ class Alt(Pattern):
         roots = self._roots
         return None if any(r is None for r in roots) else frozenset().union(*roots)
 
+    def captures(self):
+        return _union_captures(self.alternatives)
+
     def match(self, st, atom):
         _, eqn = st.producer(atom)
         prim = eqn.primitive if eqn is not None else None
@@ -459,10 +504,13 @@ class Capture(Pattern):
     """`pattern`, with its value captured under `name` (a bound name must be that value)."""
 
     def __init__(self, name: str, pattern: Pattern):
-        self.name, self.pattern = name, pattern
+        self.name, self.pattern = name, _no_factor_marker(pattern, f"the capture {name!r}")
 
     def root_primitives(self):
         return self.pattern.root_primitives()
+
+    def captures(self):
+        return _union_captures([self.pattern], [self.name])
 
     def match(self, st, atom):
         if self.name in st.bindings:
@@ -478,10 +526,14 @@ class Capture(Pattern):
 
 class Where(Pattern):
     def __init__(self, pattern: Pattern, pred: Callable, what: str | None):
-        self.pattern, self.pred, self.what = pattern, pred, what
+        self.pattern = _no_factor_marker(pattern, "a pattern with a `where` check")
+        self.pred, self.what = pred, what
 
     def root_primitives(self):
         return self.pattern.root_primitives()
+
+    def captures(self):
+        return _union_captures([self.pattern])
 
     def match(self, st, atom):
         r = self.pattern.match(st, atom)
@@ -506,27 +558,39 @@ def maybe_cast(pattern: Pattern) -> Pattern:
 # -- products ------------------------------------------------------------------------------------
 
 class Inverse(Pattern):
-    """Inside a `Product`: a factor that divides (the `b` of `a / b`)."""
+    """Inside a `Product`: a factor that divides (the `b` of `a / b`). Rejected anywhere else."""
 
     def __init__(self, pattern: Pattern):
-        self.pattern = pattern
+        if isinstance(pattern, OptionalFactor):
+            raise TypeError("write OptionalFactor(Inverse(p)) for a divisor that may be absent, "
+                            "not Inverse(OptionalFactor(p))")
+        self.pattern = _no_factor_marker(pattern, "the pattern of an Inverse")
+
+    def captures(self):
+        return _union_captures([self.pattern])
 
     def match(self, st, atom):
         return st.fail("Inverse() is only meaningful as a factor of a Product")
 
 
-class Optional(Pattern):
-    """Inside a `Product`: a factor that may be absent."""
+class OptionalFactor(Pattern):
+    """Inside a `Product`: a factor that may be absent. Rejected anywhere else."""
 
     def __init__(self, pattern: Pattern):
-        self.pattern = pattern
+        if isinstance(pattern, OptionalFactor):
+            raise TypeError("OptionalFactor(OptionalFactor(p)): one is enough")
+        self.pattern = pattern if isinstance(pattern, Inverse) else _no_factor_marker(
+            pattern, "the pattern of an OptionalFactor")
+
+    def captures(self):
+        return _union_captures([self.pattern])
 
     def match(self, st, atom):
-        return st.fail("Optional() is only meaningful as a factor of a Product")
+        return st.fail("OptionalFactor() is only meaningful as a factor of a Product")
 
 
 def _factor_match(p, st, atom, inverted):
-    if isinstance(p, Optional):
+    if isinstance(p, OptionalFactor):
         return _factor_match(p.pattern, st, atom, inverted)
     if isinstance(p, Inverse):
         return p.pattern.match(st, atom) if inverted else st.fail("expected a divisor")
@@ -546,7 +610,7 @@ def _factor_match(p, st, atom, inverted):
 
 def _factor_prims(p, inverted):
     """Primitives a leaf may come from to possibly match factor `p` (None: anything)."""
-    if isinstance(p, Optional):
+    if isinstance(p, OptionalFactor):
         return _factor_prims(p.pattern, inverted)
     if isinstance(p, Inverse):
         return p.pattern.root_primitives() if inverted else frozenset()
@@ -559,19 +623,23 @@ def _factor_prims(p, inverted):
 class Product(Pattern):
     """A product of `factors` in any order and association: `mul` chains and divisions
     (`a / b` contributes `a`'s factors and `b` as an `Inverse` factor). Factors wrapped in
-    `Optional` may be missing. Factors are matched in the order given, so put the one that
+    `OptionalFactor` may be missing. Factors are matched in the order given, so put the one that
     captures shared values first."""
 
     def __init__(self, *factors: Pattern):
         self.factors = tuple(factors)
-        self.required = sum(not isinstance(f, Optional) for f in factors)
+        self.required = sum(not isinstance(f, OptionalFactor) for f in factors)
         if len(self.factors) < 2:
             raise ValueError("Product needs at least two factors")
+
         self._prims = {inv: [_factor_prims(f, inv) for f in self.factors] for inv in (False, True)}
-        self._required_ids = [j for j, f in enumerate(self.factors) if not isinstance(f, Optional)]
+        self._required_ids = [j for j, f in enumerate(self.factors) if not isinstance(f, OptionalFactor)]
 
     def root_primitives(self):
         return frozenset({lax.mul_p, lax.div_p})
+
+    def captures(self):
+        return _union_captures(self.factors)
 
     def match(self, st, atom):
         pos, eqn = st.producer(atom)
@@ -625,7 +693,7 @@ class Product(Pattern):
         for perm in itertools.permutations(range(m), n):
             if any(j not in allowed[i] for i, j in enumerate(perm)):
                 continue
-            if sum(not isinstance(self.factors[j], Optional) for j in perm) != self.required:
+            if sum(not isinstance(self.factors[j], OptionalFactor) for j in perm) != self.required:
                 continue
             order = sorted(enumerate(perm), key=lambda t: t[1])
             if order[0] in first_failed:
@@ -672,6 +740,9 @@ class RowVector(Pattern):
 
     def __init__(self, name: str):
         self.name = name
+
+    def captures(self):
+        return frozenset([self.name]), frozenset()
 
     def match(self, st, atom):
         if not isinstance(atom, C.Var):
@@ -724,8 +795,11 @@ class Keep(Pattern):
     The re-shaping equation is consumed."""
 
     def __init__(self, pattern: Pattern):
-        self.pattern = pattern
+        self.pattern = _no_factor_marker(pattern, "the pattern of a Keep")
         self._inner_roots = pattern.root_primitives()
+
+    def captures(self):
+        return _union_captures([self.pattern])
 
     def root_primitives(self):
         inner = self._inner_roots
@@ -807,6 +881,24 @@ class Bindings:
             self._st.eqns.add(pos)
 
 
+def _check_rule_names(rule, pattern, inputs, outputs):
+    """Every input and output name must be a value the pattern can capture: a typo would hand
+    the replacement nothing for it."""
+    captures = pattern.captures()
+    if captures is None:
+        return
+    values, constants = captures
+    for kind, names in (("inputs", inputs), ("outputs", outputs)):
+        for n in names:
+            if n in values:
+                continue
+            if n in constants:
+                raise ValueError(f"rule {rule!r}: {kind} name {n!r} captures a constant (a "
+                                 f"`Lit`); hand constants to the replacement through params")
+            raise ValueError(f"rule {rule!r}: {kind} name {n!r} is never captured by the "
+                             f"pattern; it captures {sorted(v for v in values if '#' not in v)}")
+
+
 def _call_by_name(*values, _fn, _names, **params):
     """The replacement callable the engine sees: inputs handed to `_fn` as keyword arguments."""
     return _fn(**dict(zip(_names, values)), **params)
@@ -820,7 +912,8 @@ class PatternRule(Rule):
       pattern: the pattern, rooted at an operation (anchoring uses its root primitives).
       replacement: a module-level function called as `replacement(**inputs, **params)`.
       inputs: capture names handed to the replacement as keyword arguments; names not captured
-        (an absent `Optional` factor, say) are left out, so give them defaults.
+        (an absent `OptionalFactor`, say) are left out, so give them defaults. A name the
+        pattern can never capture raises `ValueError` here, naming the captures.
       params: static keyword arguments (hashable): a dict, or `fn(bindings) -> dict`.
       check: `fn(bindings) -> None | True | NoMatch | str`; a string declines the match with
         that reason (reported in `report.declined`), a `NoMatch` rejects it.
@@ -835,6 +928,7 @@ class PatternRule(Rule):
                  inputs: Sequence[str], params=None, check: Callable | None = None,
                  outputs: Sequence[str] | None = None, priority: int = 0,
                  maximal: bool = True):
+        _no_factor_marker(pattern, f"the pattern of rule {name!r}")
         roots = pattern.root_primitives()
         if not roots:
             raise ValueError(f"rule {name!r}: the pattern must be rooted at an operation (Op, "
@@ -844,6 +938,7 @@ class PatternRule(Rule):
         self.inputs, self.params, self.check = tuple(inputs), params, check
         self.outputs = None if outputs is None else tuple(outputs)
         self.maximal = maximal
+        _check_rule_names(name, pattern, self.inputs, self.outputs or ())
         self._local = threading.local()  # the memo below, per thread
 
     def match(self, region, position):
@@ -966,7 +1061,7 @@ def _example_aval(x):
 
 
 class Example(Pattern):
-    """Pattern by example: the computation `fn` performs, at any shapes and dtypes.
+    """Pattern by example: the computation `fn` performs, at any shapes, ranks and dtypes.
 
     `fn` is traced on `example_args` (arrays or `jax.ShapeDtypeStruct`s, one per positional
     parameter), canonicalized like the program, and turned into a pattern of the same
@@ -976,10 +1071,23 @@ class Example(Pattern):
     At match time `fn` is traced again on the captured inputs' shapes and dtypes and the
     matched equations must equal that trace: same primitives, parameters (reduction axes,
     shapes, dimension numbers, ...), result shapes and dtypes, and literals within `rtol`.
+
+    The example's shapes only pick the computation: an example traced on 2-D arrays also
+    matches a 3-D program wherever `fn` traced at 3-D gives the same equations (`x.sum(-1)`
+    does, `x.sum(1)` then means another axis). `rank_polymorphic=False` pins each input to its
+    example's rank.
+
+    `literals` says how the example's constants match the program's: "exact" (within `rtol`),
+    "any" (any uniform constant: `x * 0.5` also matches `x * 0.70710678`), or a tuple of
+    names, one per literal in the order the example's equations use them, capturing each
+    matched constant's value as `Lit(name=...)` does (for a replacement's params).
     """
 
-    def __init__(self, fn: Callable, *example_args, rtol: float = 1e-6, **input_patterns):
+    def __init__(self, fn: Callable, *example_args, rtol: float = 1e-6,
+                 rank_polymorphic: bool = True, literals="exact", **input_patterns):
         self.fn, self.rtol = fn, rtol
+        self.ranks = None if rank_polymorphic else tuple(
+            len(_example_aval(x)[0]) for x in example_args)
         avals = tuple(_example_aval(x) for x in example_args)
         params = [p for p in inspect.signature(fn).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -992,6 +1100,7 @@ class Example(Pattern):
             raise TypeError(f"Example: no parameter named {sorted(unknown)}; parameters are "
                             f"{list(self.input_names)}")
         self.jaxpr = jaxpr = _canonical_trace(fn, avals)
+        self.literal_names = _literal_names(literals, jaxpr)
         if len(jaxpr.outvars) != 1 or not isinstance(jaxpr.outvars[0], C.Var) or \
                 jaxpr.outvars[0] in jaxpr.invars:
             raise ValueError("Example: the function must return one array computed by at least "
@@ -1002,7 +1111,7 @@ class Example(Pattern):
             raise ValueError(f"Example: parameters {missing} are not used by the function")
         self._scope = f"ex{next(_names)}"
         self._internal: list[str] = []
-        inputs = {v: Capture(n, input_patterns.get(n, Any()))
+        inputs = {v: Capture(n, input_patterns.get(n, Wildcard()))
                   for n, v in zip(self.input_names, jaxpr.invars)}
         producers = {v: e for e in jaxpr.eqns for v in e.outvars}
         built: dict = {}
@@ -1021,14 +1130,25 @@ class Example(Pattern):
             return built[v]
 
         self.structure = build(jaxpr.outvars[0])
+        self._input_patterns = [p for p in input_patterns.values()]
 
     def root_primitives(self):
         return self.structure.root_primitives()
+
+    def captures(self):
+        names = self.literal_names if isinstance(self.literal_names, tuple) else ()
+        return _union_captures(self._input_patterns, self.input_names, names)
 
     def match(self, st, atom):
         r = self.structure.match(st, atom)
         if not r:
             return r
+        if self.ranks is not None:
+            for name, rank in zip(self.input_names, self.ranks):
+                have = len(getattr(st.bindings[name].aval, "shape", ()))
+                if have != rank:
+                    return st.fail("{} has rank {}, the example's has rank {} "
+                                   "(rank_polymorphic=False)", name, have, rank)
         avals = tuple(_aval_key(st.bindings[n]) for n in self.input_names)
         try:
             jaxpr = _canonical_trace(self.fn, avals)
@@ -1051,6 +1171,7 @@ class _Compare:
     def __init__(self, st, jaxpr, example):
         self.st, self.example = st, example
         self.inputs = dict(zip(jaxpr.invars, example.input_names))
+        self.literal_index = {id(a): i for i, a in enumerate(_literals_in_order(jaxpr))}
         self.producers = {v: e for e in jaxpr.eqns for v in e.outvars}
         self.mapping: dict = {}
 
@@ -1058,6 +1179,12 @@ class _Compare:
         st = self.st
         if isinstance(ref, C.Literal):
             want, have = float(np.asarray(ref.val).flat[0]), literal_value(st.region, atom)
+            names = self.example.literal_names
+            if names != "exact":
+                if have is None:
+                    return st.fail("the example has a constant where the program has {}",
+                                   _describe(atom))
+                return self._bind_literal(names, ref, have)
             if have is None or not _close(have, want, self.example.rtol, 0.0):
                 return st.fail("the example has constant {:.7g} where the program has {}", want,
                                f"{have:.7g}" if have is not None else _describe(atom))
@@ -1106,6 +1233,39 @@ class _Compare:
         return True
 
 
+    def _bind_literal(self, names, ref, value):
+        if names == "any":
+            return True
+        i = self.literal_index.get(id(ref))
+        if i is None or len(self.literal_index) != len(names):
+            return self.st.fail("the example traced at these shapes has {} constants, not the "
+                                "{} named", len(self.literal_index), len(names))
+        name, bound = names[i], self.st.bindings.get(names[i])
+        if bound is not None and not _close(bound, value, self.example.rtol, 0.0):
+            return self.st.fail("{} is {!r} here but {!r} before", name, value, bound)
+        self.st.bindings[name] = value
+        return True
+
+
+def _literals_in_order(jaxpr):
+    return [a for e in jaxpr.eqns for a in e.invars if isinstance(a, C.Literal)]
+
+
+def _literal_names(literals, jaxpr):
+    """"exact", "any", or a tuple of one name per literal of the example."""
+    if literals in ("exact", "any"):
+        return literals
+    if isinstance(literals, str) or not all(isinstance(n, str) for n in literals):
+        raise ValueError(f"Example: literals must be 'exact', 'any' or a tuple of names, got "
+                         f"{literals!r}")
+    names, found = tuple(literals), _literals_in_order(jaxpr)
+    if len(names) != len(found):
+        values = [float(np.asarray(a.val).flat[0]) for a in found]
+        raise ValueError(f"Example: {len(names)} literal names for {len(found)} constants "
+                         f"{values} (in the order the example's equations use them)")
+    return names
+
+
 def _is_function(v) -> bool:
     """Derivative rules and thunks in params: plain callables or `linear_util.WrappedFun`s."""
     return (callable(v) and not isinstance(v, (type, np.dtype))) or hasattr(v, "call_wrapped")
@@ -1129,7 +1289,8 @@ def _params_differ(want: dict, have: dict, rtol: float):
 
 
 __all__ = [
-    "Alt", "Any", "Bindings", "Capture", "Cast", "Example", "Inverse", "Keep", "Lit", "Op",
-    "Optional", "Pattern", "PatternRule", "Product", "RowVector", "Same", "State", "fresh",
+    "Alt", "Bindings", "Capture", "Cast", "Example", "Inverse", "Keep", "Lit", "Op",
+    "OptionalFactor", "Pattern", "PatternRule", "Product", "RowVector", "Same", "State",
+    "Wildcard", "fresh",
     "is_floating", "literal_value", "maybe_cast", "row_values",
 ]

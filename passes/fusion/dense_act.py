@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from passes.pattern import (Alt, Any, Capture, Example, Op, PatternRule, RowVector, is_floating,
-                            row_values)
+from passes.pattern import (Alt, Capture, Example, Op, PatternRule, RowVector, Wildcard,
+                            is_floating, row_values)
 from passes.pipeline import RulePass
 from passes.rewrite import NoMatch
 
@@ -58,7 +58,7 @@ def _contracts_last_with_first(dimension_numbers, eqn):
 
 def matmul(x: str, w: str, name: str):
     """`x @ w`: x (..., d_in) floating, w (d_in, d_out); captures the product as `name`."""
-    return Op(lax.dot_general_p, Any(x, dtype=is_floating), Any(w, rank=2), name=name,
+    return Op(lax.dot_general_p, Wildcard(x, dtype=is_floating), Wildcard(w, rank=2), name=name,
               params={"dimension_numbers": _contracts_last_with_first})
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 from jax import lax
 
-from passes.pattern import (Alt, Any, Capture, Cast, Inverse, Keep, Lit, Op, Optional,
-                            PatternRule, Product, RowVector, Same, fresh, is_floating, maybe_cast,
-                            row_values)
+from passes.pattern import (Alt, Capture, Cast, Inverse, Keep, Lit, Op, OptionalFactor,
+                            PatternRule, Product, RowVector, Same, Wildcard, fresh, is_floating,
+                            maybe_cast, row_values)
 from passes.pipeline import RulePass
 from passes.rewrite import NoMatch
 
@@ -62,13 +62,13 @@ def inverse_root(statistic):
 
 
 def _scale():
-    return Optional(Alt(Op(lax.add_p, RowVector("scale"), Lit(name="scale_offset"),
+    return OptionalFactor(Alt(Op(lax.add_p, RowVector("scale"), Lit(name="scale_offset"),
                            name="scale_plus_offset"),
                         RowVector("scale")))
 
 
 def layer_norm_pattern():
-    x = Any("x", dtype=is_floating)
+    x = Wildcard("x", dtype=is_floating)
     # The variance usually reuses the centered x and the mean (CSE merged them): the identity
     # check comes first, a separate computation of the same is matched in full.
     mean = Alt(Same("mean"), mean_last(Same("x")))
@@ -82,7 +82,7 @@ def layer_norm_pattern():
 
 
 def rms_norm_pattern():
-    mean_square = mean_last(square(Any("x", dtype=is_floating)))
+    mean_square = mean_last(square(Wildcard("x", dtype=is_floating)))
     return Product(inverse_root(mean_square),
                    Alt(Op(lax.sub_p, Same("x"), Lit(0.0)), Same("x")), _scale())
 
