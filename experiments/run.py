@@ -299,6 +299,15 @@ def run(config: RunConfig, *, verbose: bool = True, argv: Sequence[str] | None =
 
 # -- the command line ------------------------------------------------------------------------
 
+def pass_description(p) -> str:
+    """A fusion pass's own description (what it matches, what it calls); else its class's."""
+    description = getattr(p, "description", None)
+    if description:
+        return description
+    doc = (type(p).__doc__ or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
 def list_text() -> str:
     """What `--list` prints: models, passes, presets, sweep keys."""
     lines = ["models:"]
@@ -310,8 +319,7 @@ def list_text() -> str:
         lines.append(f"  {name:<18} {type(c).__name__}({fields})")
     lines.append("passes (the default pipeline, in order; --pipeline default | none | a,b,...):")
     for p in passes.default_pipeline().passes:
-        doc = (type(p).__doc__ or "").strip().splitlines()
-        lines.append(f"  {p.name:<22} {doc[0] if doc else ''}")
+        lines.append(f"  {p.name:<22} {pass_description(p)}")
     lines.append("presets (--preset):")
     for name, preset in config_lib.PRESETS.items():
         lines.append(f"  {name:<18} models={','.join(preset.models)} batch={preset.batch} "

@@ -23,6 +23,12 @@ def kernel(name: str):
     return getattr(pallas_kernels, name)
 
 
+def described(rule_pass, text: str):
+    """`rule_pass` with a one-line `description` (what it matches, what it calls), for listings."""
+    rule_pass.description = text
+    return rule_pass
+
+
 def dot_dims(eqn):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     return (tuple(int(d) for d in lc), tuple(int(d) for d in rc),

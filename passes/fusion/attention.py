@@ -46,7 +46,7 @@ from passes.fusion._masks import Decline as _Decline
 from passes.fusion._masks import (Masks, expand_compound, guard_rows, kernel_safe_bias,
                                   may_be_minus_inf, reshape_roles, rows_without_keys,
                                   scalar_constant, trace_broadcast)
-from passes.fusion._shared import dot_dims, kernel, precision_problem
+from passes.fusion._shared import described, dot_dims, kernel, precision_problem
 from passes.pipeline import RulePass
 from passes.rewrite import FunctionRule, Match, NoMatch
 
@@ -63,7 +63,9 @@ def attention_pass(implementation=None) -> RulePass:
     impl = tuple(implementation) if isinstance(implementation, (list, tuple)) else implementation
     rule = FunctionRule("softmax_attention", (lax.dot_general_p,),
                         functools.partial(match_attention, implementation=impl))
-    return RulePass("attention", [rule])
+    return described(RulePass("attention", [rule]),
+                     "softmax(q @ k^T * scale [+ bias] [where-masked]) @ v in any layout, grouped "
+                     "queries included -> pallas_kernels.attention (causal masks as causal=True)")
 
 
 def match_attention(region, position, *, implementation=None):

@@ -33,7 +33,8 @@ import numpy as np
 from jax import lax
 
 from passes import _compat as C
-from passes.fusion._shared import constant_value, dot_dims, kernel, precision_problem
+from passes.fusion._shared import (constant_value, described, dot_dims, kernel,
+                                   precision_problem)
 from passes.pipeline import RulePass
 from passes.rewrite import FunctionRule, Match, NoMatch
 
@@ -50,9 +51,7 @@ def cross_entropy_pass(implementation=None) -> RulePass:
                          priority=1)
     plain = FunctionRule("softmax_cross_entropy", _ROOTS,
                          functools.partial(match_cross_entropy, implementation=impl, fused=False))
-    rule_pass = RulePass("softmax_cross_entropy", [fused, plain])
-    rule_pass.description = DESCRIPTION
-    return rule_pass
+    return described(RulePass("softmax_cross_entropy", [fused, plain]), DESCRIPTION)
 
 
 DESCRIPTION = ("per-example softmax cross-entropy (optax's integer-label and one-hot losses, "

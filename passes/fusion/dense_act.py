@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from passes.fusion._shared import described
 from passes.pattern import (Alt, Capture, Example, Op, PatternRule, RowVector, Wildcard,
                             is_floating, row_values)
 from passes.pipeline import RulePass
@@ -161,4 +162,6 @@ def dense_act_pass(implementation=None) -> RulePass:
         PatternRule("dense_act", activation(dense), dense_act_replacement,
                     inputs=("x", "w", "b"), check=_check_dense, params=params),
     ]
-    return RulePass("dense_act", rules)
+    return described(RulePass("dense_act", rules),
+                     "act(x @ w [+ b]) for gelu (tanh or erf), relu or silu -> "
+                     "pallas_kernels.dense_act; act(x @ w_gate) * (x @ w_up) -> gated_dense")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from jax import lax
 
+from passes.fusion._shared import described
 from passes.pattern import (Alt, Capture, Cast, Inverse, Keep, Lit, Op, OptionalFactor,
                             PatternRule, Product, RowVector, Same, Wildcard, fresh, is_floating,
                             maybe_cast, row_values)
@@ -157,11 +158,15 @@ def _norm_pass(name, pattern, replacement, inputs, implementation):
 
 def layer_norm_pass(implementation=None) -> RulePass:
     """The `layer_norm` pass: LayerNorm spellings -> `pallas_kernels.layer_norm`."""
-    return _norm_pass("layer_norm", layer_norm_pattern(), layer_norm_replacement,
-                      ("x", "scale", "bias"), implementation)
+    return described(_norm_pass("layer_norm", layer_norm_pattern(), layer_norm_replacement,
+                                ("x", "scale", "bias"), implementation),
+                     "(x - mean) * rsqrt(var + eps) [* scale] [+ bias] over the last axis "
+                     "(Flax/NNX LayerNorm, hand-written) -> pallas_kernels.layer_norm")
 
 
 def rms_norm_pass(implementation=None) -> RulePass:
     """The `rms_norm` pass: RMSNorm spellings -> `pallas_kernels.rms_norm`."""
-    return _norm_pass("rms_norm", rms_norm_pattern(), rms_norm_replacement, ("x", "scale"),
-                      implementation)
+    return described(_norm_pass("rms_norm", rms_norm_pattern(), rms_norm_replacement,
+                                ("x", "scale"), implementation),
+                     "x * rsqrt(mean(x**2) + eps) [* scale] over the last axis (RMSNorm) -> "
+                     "pallas_kernels.rms_norm")
