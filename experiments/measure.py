@@ -109,6 +109,40 @@ def speedup(baseline: Mapping | None, optimized: Mapping | None) -> float | None
     return b / o
 
 
+# Speedup intervals: percentile bootstrap of the ratio of medians over the repetitions.
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def speedup_interval(baseline_times_s: Sequence[float], optimized_times_s: Sequence[float], *,
+                     confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = 0) -> tuple[float, float] | None:
+    """A `confidence` interval for baseline median / optimized median, or None from fewer than
+    two repetitions (one repetition says nothing about the spread).
+
+    Repetitions are resampled in pairs: repetition r of each variant ran back to back
+    (`time_interleaved`), so a slow spell of the machine stays with both of its measurements.
+    """
+    n = min(len(baseline_times_s), len(optimized_times_s))
+    if n < 2:
+        return None
+    base = np.asarray(baseline_times_s[:n], np.float64)
+    opt = np.asarray(optimized_times_s[:n], np.float64)
+    picks = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    ratios = np.median(base[picks], axis=1) / np.median(opt[picks], axis=1)
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def within_noise(interval: Sequence[float] | None) -> bool | None:
+    """Whether a speedup interval includes 1.0 (no measured difference); None without one."""
+    if interval is None:
+        return None
+    low, high = interval
+    return bool(low <= 1.0 <= high)
+
+
 # -- memory ----------------------------------------------------------------------------------
 
 def compiled_memory(compiled) -> dict:

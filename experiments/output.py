@@ -100,7 +100,7 @@ def case_line(result: dict) -> str:
         elif v.get("step_time_s") is not None:
             parts.append(f"{name} {v['step_time_s'] * 1e3:.2f} ms")
     if result.get("speedup") is not None:
-        parts.append(f"speedup {result['speedup']:.2f}x")
+        parts.append(f"speedup {speedup_text(result)}")
     if not parts:
         return f"[yellow]{label}: {result['status']}: {result['error']}[/yellow]"
     text = f"{label}: " + ", ".join(parts)
@@ -147,14 +147,25 @@ def rewrites_text(counts: dict | None) -> str:
     return " ".join(f"{k}={v}" for k, v in (counts or {}).items() if v) or "0"
 
 
-def _speed_text(speed: float | None) -> str:
+def speedup_text(r: dict) -> str:
+    """"1.31x [1.22-1.40]", with "within noise" where the interval includes 1.0 and "no CI"
+    from a single repetition."""
+    speed = r.get("speedup")
     if speed is None:
         return "-"
-    if speed > 1.02:
-        return f"[green]{speed:.2f}x[/green]"
-    if speed < 0.98:
-        return f"[red]{speed:.2f}x[/red]"
-    return f"{speed:.2f}x"
+    ci = r.get("speedup_ci")
+    if ci is None:
+        return f"{speed:.2f}x (no CI: 1 repetition)"
+    text = f"{speed:.2f}x [{ci[0]:.2f}-{ci[1]:.2f}]"
+    return f"{text} within noise" if r.get("speedup_within_noise") else text
+
+
+def _speed_text(r: dict) -> str:
+    """The speedup, green or red only where its interval excludes 1.0."""
+    text = speedup_text(r)
+    if r.get("speedup") is None or r.get("speedup_ci") is None or r.get("speedup_within_noise"):
+        return text
+    return f"[green]{text}[/green]" if r["speedup"] > 1 else f"[red]{text}[/red]"
 
 
 def _step_ms(v: dict) -> str:
@@ -169,7 +180,9 @@ def results_tables(payload: dict) -> tuple[Table, Table]:
                  f"no peak known for {env['device_kind']!r}: MFU not computed")
     timing = Table(title=f"baseline (jax.jit) vs optimized (passes.optimize), "
                          f"{env['device_count']} x {env['device_kind']}, jax {env['jax_version']}",
-                   caption=f"step times: medians; {peak_note}", box=box.SIMPLE_HEAD)
+                   caption=f"step times: medians; speedup [{measure_confidence()} interval, "
+                           f"bootstrap over the interleaved repetitions]; {peak_note}",
+                   box=box.SIMPLE_HEAD)
     for column in ("case", "base ms", "opt ms", "speedup", "opt rate", "opt TFLOP/s",
                    "MFU", "Δloss", "grad rel"):
         timing.add_column(column, justify="left" if column == "case" else "right",
@@ -190,7 +203,7 @@ def results_tables(payload: dict) -> tuple[Table, Table]:
             loss_diff = n.get("loss_initial_diff")
         style = "bold red" if r.get("numerics_ok") is False else None
         timing.add_row(
-            r["label"], _step_ms(b), _step_ms(o), _speed_text(r.get("speedup")), _rate(o),
+            r["label"], _step_ms(b), _step_ms(o), _speed_text(r), _rate(o),
             _short(o.get("model_tflops"), ".3g"),
             "-" if o.get("mfu") is None else f"{o['mfu']:.1%}",
             _short(loss_diff), _short(n.get("grad_max_rel_diff")), style=style)
@@ -201,6 +214,11 @@ def results_tables(payload: dict) -> tuple[Table, Table]:
             _pair(_mb(b.get("peak_memory_bytes")), _mb(o.get("peak_memory_bytes"))),
             rewrites_text(o.get("rewrites")), style=style)
     return timing, costs
+
+
+def measure_confidence() -> str:
+    from experiments.measure import CONFIDENCE
+    return f"{CONFIDENCE:.0%}"
 
 
 def print_summary(payload: dict, console: Console) -> None:
@@ -234,7 +252,8 @@ def write_json(payload: dict, path: pathlib.Path) -> None:
 
 CSV_COLUMNS = (
     "label", "model", "batch", "seq", "dtype", "mode", "pipeline", "implementation", "sweep",
-    "status", "speedup", "diverged", "numerics_ok",
+    "status", "speedup", "speedup_ci_low", "speedup_ci_high", "speedup_within_noise",
+    "diverged", "numerics_ok",
     "baseline_step_time_s", "baseline_step_time_min_s", "baseline_step_time_max_s",
     "optimized_step_time_s", "optimized_step_time_min_s", "optimized_step_time_max_s",
     "baseline_tokens_per_s", "optimized_tokens_per_s",
@@ -253,6 +272,9 @@ def csv_row(r: dict) -> dict:
                                  "implementation", "status", "speedup", "diverged",
                                  "numerics_ok", "error")}
     row["sweep"] = " ".join(f"{k}={v}" for k, v in (r.get("sweep") or {}).items())
+    ci = r.get("speedup_ci") or (None, None)
+    row["speedup_ci_low"], row["speedup_ci_high"] = ci
+    row["speedup_within_noise"] = r.get("speedup_within_noise")
     for name in ("baseline", "optimized"):
         v = r.get(name) or {}
         for key in ("step_time_s", "step_time_min_s", "step_time_max_s", "tokens_per_s",
@@ -290,14 +312,17 @@ def write_plot(payload: dict, path: pathlib.Path) -> bool:
     fig, (ax_speed, ax_time) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows)), 4.5))
     speeds = [r.get("speedup") or 0.0 for r in rows]
     colors = ["tab:red" if r.get("numerics_ok") is False else
+              "tab:gray" if r.get("speedup_within_noise") is not False else
               "tab:green" if s >= 1 else "tab:orange" for r, s in zip(rows, speeds)]
-    bars = ax_speed.bar(x, speeds, color=colors)
-    ax_speed.bar_label(bars, labels=[f"{s:.2f}x" if r.get("speedup") is not None else "n/a"
-                                     for r, s in zip(rows, speeds)], fontsize=8)
+    cis = [r.get("speedup_ci") or (s, s) for r, s in zip(rows, speeds)]
+    bars = ax_speed.bar(x, speeds, color=colors,
+                        yerr=[[s - lo for s, (lo, _) in zip(speeds, cis)],
+                              [hi - s for s, (_, hi) in zip(speeds, cis)]], capsize=4)
+    ax_speed.bar_label(bars, labels=[_plot_speed_label(r) for r in rows], fontsize=8)
     ax_speed.axhline(1.0, color="black", linewidth=0.8)
     ax_speed.set_xticks(list(x), labels, fontsize=8)
-    ax_speed.set_ylabel("speedup (baseline / optimized step time)")
-    ax_speed.set_title("speedup (red: numerics differ)")
+    ax_speed.set_ylabel(f"speedup (baseline / optimized median), {measure_confidence()} interval")
+    ax_speed.set_title("speedup (gray: within noise, red: numerics differ)")
     width = 0.4
     for offset, name, color in ((-width / 2, "baseline", "tab:gray"),
                                 (width / 2, "optimized", "tab:blue")):
@@ -318,6 +343,15 @@ def write_plot(payload: dict, path: pathlib.Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _plot_speed_label(r: dict) -> str:
+    if r.get("speedup") is None:
+        return "n/a"
+    if r.get("speedup_ci") is None:
+        return f"{r['speedup']:.2f}x\n(no CI)"
+    return f"{r['speedup']:.2f}x\n(within noise)" if r.get("speedup_within_noise") else \
+        f"{r['speedup']:.2f}x"
 
 
 def write_all(payload: dict, out: pathlib.Path, plot: bool = True) -> None:

@@ -105,7 +105,8 @@ def case_record(case: Case) -> dict:
             "pipeline": config_lib.pipeline_name(case.pipeline),
             "implementation": case.implementation, "overrides": dict(case.overrides),
             "sweep": dict(case.sweep), "status": "ok", "error": None, "speedup": None,
-            "diverged": False, "numerics_ok": None}
+            "speedup_ci": None, "speedup_within_noise": None, "diverged": False,
+            "numerics_ok": None}
 
 
 def _pass_report(optimized_loss, params, batch) -> dict:
@@ -211,6 +212,11 @@ def measure_case(case: Case, config: RunConfig, device_kind: str,
     result["diverged"] = result["numerics"]["diverged"]
     result["numerics_ok"] = result["numerics"]["ok"]
     result["speedup"] = measure.speedup(records["baseline"], records["optimized"])
+    if result["speedup"] is not None:
+        interval = measure.speedup_interval(records["baseline"]["step_times_s"],
+                                            records["optimized"]["step_times_s"])
+        result["speedup_ci"] = None if interval is None else list(interval)
+        result["speedup_within_noise"] = measure.within_noise(interval)
     failed = [n for n in VARIANTS if records[n]["status"] == "out_of_memory"]
     if failed:
         result["status"] = "out_of_memory"
