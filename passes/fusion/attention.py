@@ -19,17 +19,16 @@ several; with or without a scale; k and v the same array.
 
 Masks: a `where` mask that evaluates (from iotas and constants) to the causal triangle becomes
 `causal=True` (also as one factor of a conjunction with a data-dependent mask); other masks go
-to the kernel as boolean inputs. The kernel gives zeros for rows whose keys are all masked; the
-original gives NaN there (-inf fill) or the uniform average of v (a finite fill such as
-`finfo.min`), so when such rows can occur the replacement reproduces exactly that, gradients
-included. Additive biases (including masks spelled as biases) are passed as `bias`.
+to the kernel as boolean inputs, additive biases (padding masks spelled as biases included) as
+`bias`. Which fills are masks, and what rows without keys give, is decided in `_masks.py`: the
+kernel gives zeros there, the replacement gives what the original gives (NaN or the uniform
+average of v, gradients included).
 
 Declined, with the reason in the report: dropout on the probabilities, segment-id masks, sliding
-windows, logit soft caps (tanh), a bias added after masking, a scale that is not a constant, and
-a `dot_general` precision or preferred_element_type the kernel cannot honour.
-
-The second half of the file holds matching helpers that `cross_entropy.py` shares (softmax and
-log-sum-exp pieces, constant evaluation, the precision check, the kernel lookup).
+windows, logit soft caps (tanh), a bias added after masking, a bias or mask computed from the
+logits themselves, fills that are not masks at the softmax input, zero-size operands, a scale
+that is not a constant, and a `dot_general` precision or preferred_element_type the kernel
+cannot honour.
 """
 from __future__ import annotations
 
