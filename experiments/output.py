@@ -320,6 +320,7 @@ def write_plot(payload: dict, path: pathlib.Path) -> bool:
                               [hi - s for s, (_, hi) in zip(speeds, cis)]], capsize=4)
     ax_speed.bar_label(bars, labels=[_plot_speed_label(r) for r in rows], fontsize=8)
     ax_speed.axhline(1.0, color="black", linewidth=0.8)
+    ax_speed.margins(y=0.2)  # room for the labels above the interval
     ax_speed.set_xticks(list(x), labels, fontsize=8)
     ax_speed.set_ylabel(f"speedup (baseline / optimized median), {measure_confidence()} interval")
     ax_speed.set_title("speedup (gray: within noise, red: numerics differ)")
