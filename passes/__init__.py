@@ -14,16 +14,21 @@ def cleanup_passes() -> list[Pass]:
     return [Canonicalize(), CommonSubexpressionElimination(), DeadCodeElimination()]
 
 
-def default_pipeline(implementation=None, **pipeline_options) -> Pipeline:
+def default_pipeline(implementation=None, platform=None, **pipeline_options) -> Pipeline:
     """The clean-ups, then every built-in fusion pass.
 
     Args:
       implementation: handed to every kernel the fusion passes call (None, "pallas", "cudnn",
         "xla"); "pallas" on a CPU gives `pallas_call`s in interpret mode.
-      pipeline_options: `Pipeline` keyword arguments (disable, sites, check, dump_dir, debug).
+      platform: the kernels' target, None (PALLAS_KERNELS_PLATFORM, else the default backend),
+        "gpu", "tpu" or "cpu"; on a host without it Pallas kernels run in its interpret mode,
+        or lower for it with PALLAS_KERNELS_INTERPRET=0 (for `jax.export`).
+      pipeline_options: `Pipeline` keyword arguments (disable, sites, check, validate,
+        dump_dir, debug).
     """
     from passes.fusion import builtin_passes
-    return Pipeline(cleanup_passes() + builtin_passes(implementation), **pipeline_options)
+    return Pipeline(cleanup_passes() + builtin_passes(implementation, platform),
+                    **pipeline_options)
 
 
 __all__ = [

@@ -216,7 +216,7 @@ def _build(fn, pipeline: Pipeline, call: _Call, structs) -> _Program:
     t0 = time.perf_counter()
     closed, out_info = _trace(fn, call, structs)
     trace_time = time.perf_counter() - t0
-    ctx = Context(pipeline.sites, pipeline.debug, pipeline.check)
+    ctx = Context(pipeline.sites, pipeline.debug, pipeline.validate)
     try:
         after, ctx = pipeline.run(closed, ctx)
     except MalformedProgramError as e:

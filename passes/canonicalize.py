@@ -269,6 +269,8 @@ def _dot_transpose(eqn, state):
 
 class Canonicalize(Pass):
     name = "canonicalize"
+    description = ("inlines pure jits, folds scalar constants with XLA's own arithmetic, drops "
+                   "exact identities and cast round trips, orders commutative operands")
 
     def run(self, region, ctx):
         state, out, changes = _State(region), [], 0

@@ -32,6 +32,7 @@ def _params_key(params):
 
 class CommonSubexpressionElimination(Pass):
     name = "cse"
+    description = "merges identical equations of known-pure primitives within each region"
 
     def run(self, region, ctx):
         seen, env, kept = {}, {}, []

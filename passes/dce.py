@@ -21,6 +21,7 @@ def count_eqns(jaxpr) -> int:
 
 class DeadCodeElimination(Pass):
     name = "dce"
+    description = "removes equations whose results are unused (effects kept), via jax's dce_jaxpr"
 
     def run_program(self, jaxpr, ctx):
         body = C.open_jaxpr(jaxpr)

@@ -302,8 +302,9 @@ class Pipeline:
       passes: `Pass` objects, run in order.
       max_iterations: cap on rounds; reaching it raises `FixpointError` naming the passes that
         still changed the program.
-      check: run `check_jaxpr` after every pass and translation-validate every rewrite when it
-        is made (`passes.validate`; default: env JAXPASSES_CHECK=1).
+      check: run `check_jaxpr` after every pass (default: env JAXPASSES_CHECK=1).
+      validate: translation-validate every rewrite when it is made (`passes.validate`);
+        defaults to `check`.
       dump_dir: write the program before the first pass and after every pass that changed it.
       disable: pass names to skip (also env JAXPASSES_DISABLE, comma-separated).
       sites: rewrite only these site ids (from `report.rewrites`; also env JAXPASSES_SITES),
@@ -313,7 +314,7 @@ class Pipeline:
 
     def __init__(self, passes: Iterable[Pass], *, max_iterations: int = 8, check: bool | None = None,
                  dump_dir=None, disable: Iterable[str] = (), sites: Iterable[str] | None = None,
-                 debug: bool = False):
+                 debug: bool = False, validate: bool | None = None):
         self.passes = list(passes)
         names = [p.name for p in self.passes]
         for name in disable:
@@ -329,6 +330,7 @@ class Pipeline:
         self.disable = frozenset(disable) | frozenset(env)
         self.max_iterations = max_iterations
         self.check = (os.environ.get(CHECK_ENV) == "1") if check is None else check
+        self.validate = self.check if validate is None else validate
         self.dump_dir = None if dump_dir is None else pathlib.Path(dump_dir)
         env_sites = _env_list(SITES_ENV)
         # Sites named here must exist in the program; the environment switch holds for a whole
@@ -345,13 +347,13 @@ class Pipeline:
         """A copy with some constructor arguments changed."""
         kw = dict(passes=self.passes, max_iterations=self.max_iterations, check=self.check,
                   dump_dir=self.dump_dir, disable=self.disable, sites=self.named_sites,
-                  debug=self.debug)
+                  debug=self.debug, validate=self.validate)
         kw.update(changes)
         return Pipeline(kw.pop("passes"), **kw)
 
     def cache_key(self):
         return (tuple(id(p) for p in self.passes), self.disable, self.sites, self.max_iterations,
-                self.check, self.debug)
+                self.check, self.debug, self.validate)
 
     def _dump(self, jaxpr, tag):
         self.dump_dir.mkdir(parents=True, exist_ok=True)
@@ -380,7 +382,7 @@ class Pipeline:
 
     def run(self, jaxpr, ctx: Context | None = None):
         """Rewrite a (closed) jaxpr. Returns (new jaxpr, Context)."""
-        ctx = ctx or Context(self.sites, self.debug, self.check)
+        ctx = ctx or Context(self.sites, self.debug, self.validate)
         if self.dump_dir is not None:
             self._dump(jaxpr, "00_input")
         active = [p for p in self.passes if p.name not in self.disable]
