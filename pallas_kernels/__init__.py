@@ -7,6 +7,7 @@ tile helpers the Triton kernels share are in `_tiles.py`. `Op` gives a kernel of
 same dispatch: several implementations, chosen per call, with fallback.
 """
 from pallas_kernels._dispatch import Op as Op
+from pallas_kernels._target import KernelChoice as KernelChoice
 from pallas_kernels.attention import attention as attention
 from pallas_kernels.dense_act import dense_act as dense_act
 from pallas_kernels.dense_act import gated_dense as gated_dense
@@ -17,6 +18,7 @@ from pallas_kernels.softmax_cross_entropy import softmax_cross_entropy as softma
 
 __all__ = [
     "Op",
+    "KernelChoice",
     "attention",
     "layer_norm",
     "rms_norm",

@@ -11,8 +11,8 @@ and the public function calls `attention_op(q, k, v, causal=causal, implementati
 
 An implementation that cannot handle a call raises `NotImplementedError(reason)`; the next
 candidate is tried. A pinned implementation (a single name) never runs anything else: its refusal
-is the error. `None` picks "xla" on CPU; on a GPU it tries the implementations in the order that
-`measured_order` gives: each one timed (forward and backward) on random inputs of the call's
+is the error. `None` picks "xla" on CPU (and for a platform this host lacks); on a GPU or a TPU it
+tries the implementations in the order that `measured_order` gives: each one timed (forward and backward) on random inputs of the call's
 shapes and dtypes, fastest first, the XLA reference always among them. Timings are kept in a JSON
 file keyed by device kind, jax version, op, shapes, dtypes and static arguments.
 
@@ -28,6 +28,7 @@ returns the heuristic default.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -44,6 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import _pallas_compat as compat
+from pallas_kernels import _target
+from pallas_kernels._target import KernelChoice
+
 IMPLEMENTATIONS = ("pallas", "cudnn", "xla")
 
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
@@ -54,15 +59,25 @@ def _platform() -> str:
 
 
 def interpret_mode() -> bool:
-    """Whether Pallas kernels run in interpret mode here (CPU) rather than through Triton (GPU)."""
-    platform = _platform()
-    if platform == "cpu":
-        return True
-    if platform in _GPU_PLATFORMS:
-        return False
-    raise NotImplementedError(
-        f"these Pallas kernels target GPUs (Triton lowering) and the CPU interpreter, not "
-        f"{platform!r}; use implementation='xla'")
+    """Whether Pallas kernels run in interpret mode for the current `KernelChoice`: on a host
+    without the target platform, or when PALLAS_KERNELS_INTERPRET=1 (see `_target`)."""
+    return _target.current().interpret
+
+
+def target_platform() -> str:
+    """The platform the current `KernelChoice` targets: "gpu", "tpu" or "cpu"."""
+    return _target.current().platform
+
+
+def by_platform(*, gpu: Callable, tpu: Callable) -> Callable:
+    """One "pallas" implementation from the Triton one (GPU, and CPU through the interpreter)
+    and the Mosaic one (TPU), picked by the current choice's platform."""
+    def pallas(*args, **kwargs):
+        return (tpu if target_platform() == "tpu" else gpu)(*args, **kwargs)
+
+    pallas.__name__ = getattr(gpu, "__name__", "pallas")
+    pallas.__doc__ = getattr(gpu, "__doc__", None)
+    return pallas
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,11 +174,19 @@ def _lowering_failure(fn: Callable, bound: _BoundCall) -> str | None:
             traced = jax.jit(lambda *arrays: bound.call(fn, arrays)).trace(*abstract)
     except NotImplementedError as e:
         return str(e)
+    choice = _target.current()
     try:
-        lowered = traced.lower()
-        # Interpret-mode kernels are plain XLA on a CPU: compiling them twice buys nothing.
-        if _platform() != "cpu":
-            lowered.compile()
+        if choice.interpret or choice.on_host:
+            lowered = traced.lower()
+            # Interpret-mode kernels are plain XLA on a CPU: compiling them twice buys nothing.
+            if _platform() != "cpu":
+                lowered.compile()
+        else:  # kernels for a platform this host lacks: lower for it, compile nothing
+            target = "cuda" if choice.platform == "gpu" else choice.platform
+            context = (compat.gpu_lowering_target() if choice.platform == "gpu"
+                       else contextlib.nullcontext())
+            with context:
+                traced.lower(lowering_platforms=(target,))
     except NotImplementedError as e:
         return f"failed to lower: {e}"
     except Exception as e:  # the compiler's own error types vary across versions and backends
@@ -174,7 +197,8 @@ def _lowering_failure(fn: Callable, bound: _BoundCall) -> str | None:
 def check_lowering(op_name: str, impl: str, fn: Callable, args, kwargs) -> None:
     """Raise NotImplementedError (with the compiler's message) if `fn` cannot be compiled here."""
     bound = _BoundCall.of(args, kwargs)
-    key = (op_name, impl, _platform(), bound.key)
+    choice = _target.current()
+    key = (op_name, impl, _platform(), choice.platform, choice.interpret, bound.key)
     with _verdicts_lock:
         known = key in _verdicts
         reason = _verdicts.get(key)
@@ -391,7 +415,9 @@ class Op:
     in order of preference; array arguments are positional or keyword, everything else is
     static. `implementation` at the call is a name (that one only: its NotImplementedError is
     the error), a list tried in order (a NotImplementedError moves on to the next, and the final
-    error lists every reason), or None: "xla" on a CPU, the fastest by measured time on a GPU.
+    error lists every reason), or None: "xla" on a CPU, the fastest by measured time on a GPU or
+    TPU. `platform` ("gpu", "tpu", "cpu"; None: the default) picks the kernels' target and with
+    it their interpret mode; `implementation` may also be a `KernelChoice` carrying all three.
     A "pallas" implementation is also lowered (and on a GPU compiled), forward and backward, on
     its own the first time each signature is seen; a failure there declines the call.
     """
@@ -402,6 +428,10 @@ class Op:
     chooser: Callable | None = None
     # Implementations lowered (and compiled) on their own once per signature before first use.
     checked: set[str] = dataclasses.field(default_factory=set)
+    # (*args, **kwargs) -> _sharding.Rule: the factor names of the call's operands. With it,
+    # every implementation but "xla" runs per shard when several devices are visible
+    # (see _sharding.py); without it a partitioner gathers a kernel's operands.
+    sharding: Callable | None = None
 
     def register(self, impl: str, *, check_lowering: bool | None = None):
         """Decorator registering `fn` as implementation `impl`.
@@ -424,12 +454,15 @@ class Op:
         return deco
 
     def candidates(self, implementation, args, kwargs) -> list[str]:
-        if implementation is None:
-            if _platform() == "cpu":
+        choice = KernelChoice.of(implementation)
+        names = choice.names
+        if names is None:
+            # Timing needs the target's own device; a CPU only runs kernels in interpret mode.
+            if choice.platform == "cpu" or not choice.on_host:
                 return ["xla"]
             chooser = self.chooser or measured_order
-            return list(chooser(self, args, kwargs))
-        names = [implementation] if isinstance(implementation, str) else list(implementation)
+            with _target.using(choice):
+                return list(chooser(self, args, kwargs))
         if not names:
             raise ValueError(f"{self.name}: implementation=[] names nothing to run; pass None "
                              f"to choose automatically, or a name from {IMPLEMENTATIONS}")
@@ -440,9 +473,15 @@ class Op:
                     f"{IMPLEMENTATIONS} (or a list of them)")
         return names
 
-    def __call__(self, *args, implementation: str | Sequence[str] | None = None, **kwargs):
+    def __call__(self, *args, implementation: str | Sequence[str] | KernelChoice | None = None,
+                 platform: str | None = None, **kwargs):
+        choice = KernelChoice.of(implementation, platform)
+        with _target.using(choice):
+            return self._call(choice, args, kwargs)
+
+    def _call(self, choice: KernelChoice, args, kwargs):
         reasons = []
-        for n in self.candidates(implementation, args, kwargs):
+        for n in self.candidates(choice, args, kwargs):
             fn = self.impls.get(n)
             if fn is None:
                 reasons.append(f"{n}: {self.name} has no {n!r} implementation")
@@ -450,6 +489,9 @@ class Op:
             try:
                 if n in self.checked:
                     check_lowering(self.name, n, fn, args, kwargs)
+                if n != "xla" and self.sharding is not None and _sharding.wanted():
+                    return _sharding.per_shard(self.name, fn, self.sharding(*args, **kwargs),
+                                               _BoundCall.of(args, kwargs))
                 return fn(*args, **kwargs)
             except NotImplementedError as e:
                 reasons.append(f"{n}: {e}")

@@ -13,7 +13,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 import pallas_kernels
-from pallas_kernels import _dispatch, layer_norm
+from pallas_kernels import _dispatch, _target, layer_norm
 from pallas_kernels._dispatch import Op
 
 
@@ -184,6 +184,8 @@ def simulated_gpu(monkeypatch, tmp_path):
     path = tmp_path / "timings.json"
     monkeypatch.setenv("PALLAS_KERNELS_CACHE", str(path))
     monkeypatch.setattr(_dispatch, "_platform", lambda: "gpu")
+    monkeypatch.setattr(_target, "host_platform", lambda: "gpu")
+    monkeypatch.delenv("PALLAS_KERNELS_PLATFORM", raising=False)
     timed = []  # one entry per completed timing
     real_time_call = _dispatch.time_call
 

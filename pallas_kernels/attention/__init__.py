@@ -30,7 +30,8 @@ attention_op.register("cudnn", check_lowering=True)(attention_cudnn)
 attention_op.register("xla")(attention_xla)
 
 
-def attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, implementation=None):
+def attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, implementation=None,
+              platform=None):
     """Scaled dot-product attention; see the module docstring for the exact semantics.
 
     Args:
@@ -40,12 +41,13 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, implem
       bias: float, added to the scaled logits, same broadcasting; differentiable.
       scale: logit scale, default head_dim ** -0.5.
       implementation: None (pick), "pallas", "cudnn", "xla", or an ordered list of them.
+      platform: None (the default), "gpu", "tpu" or "cpu": the kernels' target.
     Returns:
       (batch, q_seq, heads, head_dim) in q's dtype.
     """
     q, k, v, mask, bias, scale = canonicalize(q, k, v, mask, bias, scale)
     return attention_op(q, k, v, causal=bool(causal), mask=mask, bias=bias, scale=scale,
-                        implementation=implementation)
+                        implementation=implementation, platform=platform)
 
 
 __all__ = ["attention", "attention_op", "attention_reference", "pallas_attention",

@@ -38,13 +38,14 @@ def _check_weight(name: str, x, wname: str, w) -> None:
                          f"{wname} {tuple(w.shape)}")
 
 
-def dense_act(x, w, b=None, *, activation: str, implementation=None):
+def dense_act(x, w, b=None, *, activation: str, implementation=None, platform=None):
     """act(x @ w + b) with the bias and activation fused into the matmul.
 
     Args:
       x: [..., d_in]. w: [d_in, d_out]. b: optional [d_out].
       activation: "gelu_tanh", "gelu_erf", "relu", "silu" or "identity".
       implementation: None (choose), "pallas", "xla", or a list tried in order.
+      platform: None (the default), "gpu", "tpu" or "cpu": the kernels' target.
 
     Returns:
       [..., d_out] in the promoted dtype of x, w (and b).
@@ -54,10 +55,11 @@ def dense_act(x, w, b=None, *, activation: str, implementation=None):
     if b is not None and tuple(b.shape) != (w.shape[1],):
         raise ValueError(f"dense_act: b must have shape ({w.shape[1]},) (d_out); "
                          f"got {tuple(b.shape)}")
-    return dense_act_op(x, w, b, activation=activation, implementation=implementation)
+    return dense_act_op(x, w, b, activation=activation, implementation=implementation,
+                        platform=platform)
 
 
-def gated_dense(x, w_gate, w_up, *, activation: str, implementation=None):
+def gated_dense(x, w_gate, w_up, *, activation: str, implementation=None, platform=None):
     """act(x @ w_gate) * (x @ w_up): SwiGLU ("silu") or GeGLU ("gelu_tanh", "gelu_erf").
 
     Shazeer, "GLU Variants Improve Transformer" (2020).
@@ -76,7 +78,8 @@ def gated_dense(x, w_gate, w_up, *, activation: str, implementation=None):
     if w_gate.shape != w_up.shape:
         raise ValueError(f"gated_dense: w_gate and w_up must have the same shape; got "
                          f"{tuple(w_gate.shape)} and {tuple(w_up.shape)}")
-    return gated_dense_op(x, w_gate, w_up, activation=activation, implementation=implementation)
+    return gated_dense_op(x, w_gate, w_up, activation=activation, implementation=implementation,
+                          platform=platform)
 
 
 __all__ = ["ACTIVATIONS", "dense_act", "gated_dense", "dense_act_op", "gated_dense_op",

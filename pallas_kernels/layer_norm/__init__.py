@@ -28,7 +28,7 @@ def check_norm_arguments(name: str, x, params: dict) -> None:
                              f"axis of x {tuple(x.shape)}; got {tuple(p.shape)}")
 
 
-def layer_norm(x, scale=None, bias=None, *, eps: float = 1e-5, implementation=None):
+def layer_norm(x, scale=None, bias=None, *, eps: float = 1e-5, implementation=None, platform=None):
     """LayerNorm over the last axis of `x`.
 
     Ba, Kiros, Hinton, "Layer Normalization" (2016).
@@ -38,12 +38,14 @@ def layer_norm(x, scale=None, bias=None, *, eps: float = 1e-5, implementation=No
       scale, bias: optional [features] arrays (may be float32 when x is bf16).
       eps: added to the variance.
       implementation: None (choose), "pallas", "xla", or a list tried in order.
+      platform: None (the default), "gpu", "tpu" or "cpu": the kernels' target.
 
     Returns:
       An array like x: (x - mean) / sqrt(var + eps) * scale + bias, statistics in float32.
     """
     check_norm_arguments("layer_norm", x, {"scale": scale, "bias": bias})
-    return layer_norm_op(x, scale, bias, eps=eps, implementation=implementation)
+    return layer_norm_op(x, scale, bias, eps=eps, implementation=implementation,
+                         platform=platform)
 
 
 __all__ = ["layer_norm", "layer_norm_op", "layer_norm_pallas", "layer_norm_xla",

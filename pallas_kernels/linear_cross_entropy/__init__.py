@@ -26,7 +26,8 @@ linear_cross_entropy_op.register("pallas")(linear_cross_entropy_pallas)
 linear_cross_entropy_op.register("xla")(linear_cross_entropy_xla)
 
 
-def linear_cross_entropy(x, w, labels, *, w_layout: str = "dv", implementation=None):
+def linear_cross_entropy(x, w, labels, *, w_layout: str = "dv", implementation=None,
+                         platform=None):
     """softmax_cross_entropy(x @ w, labels) without materialising the [tokens, vocab] logits.
 
     Args:
@@ -35,6 +36,7 @@ def linear_cross_entropy(x, w, labels, *, w_layout: str = "dv", implementation=N
         used as it is, without a transpose).
       labels: [...] integers, as in `softmax_cross_entropy`.
       implementation: None (choose), "pallas", "xla", or a list tried in order.
+      platform: None (the default), "gpu", "tpu" or "cpu": the kernels' target.
 
     Returns:
       [...] per-example losses in float32 (float64 for float64 inputs), whatever the inputs'
@@ -50,7 +52,7 @@ def linear_cross_entropy(x, w, labels, *, w_layout: str = "dv", implementation=N
                          f"with d = x.shape[-1]; got x {tuple(x.shape)}, w {tuple(w.shape)}")
     check_labels("linear_cross_entropy", labels, x.shape[:-1])
     return linear_cross_entropy_op(x, w, labels, w_layout=w_layout,
-                                   implementation=implementation)
+                                   implementation=implementation, platform=platform)
 
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_op", "linear_cross_entropy_pallas",

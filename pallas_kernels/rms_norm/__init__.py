@@ -18,7 +18,7 @@ rms_norm_op.register("pallas")(rms_norm_pallas)
 rms_norm_op.register("xla")(rms_norm_xla)
 
 
-def rms_norm(x, scale=None, *, eps: float = 1e-6, implementation=None):
+def rms_norm(x, scale=None, *, eps: float = 1e-6, implementation=None, platform=None):
     """RMSNorm over the last axis of `x`.
 
     Zhang, Sennrich, "Root Mean Square Layer Normalization" (2019).
@@ -28,12 +28,14 @@ def rms_norm(x, scale=None, *, eps: float = 1e-6, implementation=None):
       scale: optional [features] array (may be float32 when x is bf16).
       eps: added to the mean square.
       implementation: None (choose), "pallas", "xla", or a list tried in order.
+      platform: None (the default), "gpu", "tpu" or "cpu": the kernels' target.
 
     Returns:
       An array like x: x / sqrt(mean(x**2) + eps) * scale, statistics in float32.
     """
     check_norm_arguments("rms_norm", x, {"scale": scale})
-    return rms_norm_op(x, scale, eps=eps, implementation=implementation)
+    return rms_norm_op(x, scale, eps=eps, implementation=implementation,
+                       platform=platform)
 
 
 __all__ = ["rms_norm", "rms_norm_op", "rms_norm_pallas", "rms_norm_xla", "rms_norm_reference"]

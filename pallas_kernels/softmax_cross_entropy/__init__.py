@@ -25,7 +25,7 @@ softmax_cross_entropy_op.register("pallas")(softmax_cross_entropy_pallas)
 softmax_cross_entropy_op.register("xla")(softmax_cross_entropy_xla)
 
 
-def softmax_cross_entropy(logits, labels, implementation=None):
+def softmax_cross_entropy(logits, labels, implementation=None, platform=None):
     """Per-example cross-entropy: logsumexp(logits) - logits[label], over the last axis.
 
     Args:
@@ -33,6 +33,7 @@ def softmax_cross_entropy(logits, labels, implementation=None):
       labels: [...] integers; negative ones count from the end, ones outside [-vocab, vocab)
         give NaN (as with `jnp.take_along_axis`).
       implementation: None (choose), "pallas", "xla", or a list tried in order.
+      platform: None (the default), "gpu", "tpu" or "cpu": the kernels' target.
 
     Returns:
       [...] losses in logits' dtype (computed in float32).
@@ -40,7 +41,8 @@ def softmax_cross_entropy(logits, labels, implementation=None):
     if logits.ndim < 1:
         raise ValueError("softmax_cross_entropy: logits must have a vocabulary axis; got a scalar")
     check_labels("softmax_cross_entropy", labels, logits.shape[:-1])
-    return softmax_cross_entropy_op(logits, labels, implementation=implementation)
+    return softmax_cross_entropy_op(logits, labels, implementation=implementation,
+                                    platform=platform)
 
 
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_op", "softmax_cross_entropy_pallas",

@@ -23,6 +23,14 @@ def kernel(name: str):
     return getattr(pallas_kernels, name)
 
 
+def kernel_choice(implementation=None, platform=None):
+    """The one `pallas_kernels.KernelChoice` (implementation, platform, interpret) a pass hands
+    every kernel it calls, normalised here once; a KernelChoice passes through."""
+    from pallas_kernels._target import KernelChoice
+
+    return KernelChoice.of(implementation, platform)
+
+
 def described(rule_pass, text: str):
     """`rule_pass` with a one-line `description` (what it matches, what it calls), for listings."""
     rule_pass.description = text

@@ -45,7 +45,7 @@ from passes.fusion._masks import Decline as _Decline
 from passes.fusion._masks import (Masks, expand_compound, guard_rows, kernel_safe_bias,
                                   may_be_minus_inf, reshape_roles, rows_without_keys,
                                   scalar_constant, trace_broadcast)
-from passes.fusion._shared import described, dot_dims, kernel, precision_problem
+from passes.fusion._shared import described, dot_dims, kernel, kernel_choice, precision_problem
 from passes.pipeline import RulePass
 from passes.rewrite import FunctionRule, Match, NoMatch
 
@@ -57,9 +57,10 @@ _RANDOM_PRIMITIVES = frozenset({"random_bits", "random_wrap", "random_seed", "ra
 # The rule
 
 
-def attention_pass(implementation=None) -> RulePass:
-    """The `attention` pass, calling `pallas_kernels.attention(..., implementation=...)`."""
-    impl = tuple(implementation) if isinstance(implementation, (list, tuple)) else implementation
+def attention_pass(implementation=None, platform=None) -> RulePass:
+    """The `attention` pass, calling `pallas_kernels.attention(..., implementation=...)` with
+    the `KernelChoice` of `implementation` and `platform`."""
+    impl = kernel_choice(implementation, platform)
     rule = FunctionRule("softmax_attention", (lax.dot_general_p,),
                         functools.partial(match_attention, implementation=impl))
     return described(RulePass("attention", [rule]),
@@ -652,11 +653,9 @@ def _attention_replacement(q, k, v, *extras, plan: AttentionPlan, implementation
         bias = b if bias is None else bias + b
     if bias is not None:
         bias = kernel_safe_bias(bias)
-    impl = list(implementation) if isinstance(implementation, tuple) else implementation
-
     def attend(q4, k4, v4, bias):
         return kernel("attention")(q4, k4, v4, causal=plan.causal, mask=mask, bias=bias,
-                                   scale=plan.scale, implementation=impl)
+                                   scale=plan.scale, implementation=implementation)
 
     out = guard_rows(attend, q4, k4, v4, _kept(mask, plan.causal, q4.shape[1], k4.shape[1]),
                      bias, plan.rows_without_keys, plan.scale)

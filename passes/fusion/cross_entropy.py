@@ -33,19 +33,20 @@ import numpy as np
 from jax import lax
 
 from passes import _compat as C
-from passes.fusion._shared import (constant_value, described, dot_dims, kernel,
+from passes.fusion._shared import (constant_value, described, dot_dims, kernel, kernel_choice,
                                    precision_problem)
 from passes.pipeline import RulePass
 from passes.rewrite import FunctionRule, Match, NoMatch
 
 
-def cross_entropy_pass(implementation=None) -> RulePass:
-    """The `softmax_cross_entropy` pass, calling the kernels with `implementation`.
+def cross_entropy_pass(implementation=None, platform=None) -> RulePass:
+    """The `softmax_cross_entropy` pass, calling the kernels with the `KernelChoice` of
+    `implementation` and `platform`.
 
     Two rules share the matcher: `linear_cross_entropy` (matmul + loss, tried first) and
     `softmax_cross_entropy` (the loss on materialised logits).
     """
-    impl = tuple(implementation) if isinstance(implementation, (list, tuple)) else implementation
+    impl = kernel_choice(implementation, platform)
     fused = FunctionRule("linear_cross_entropy", _ROOTS,
                          functools.partial(match_cross_entropy, implementation=impl, fused=True),
                          priority=1)
@@ -702,7 +703,6 @@ def _fused_matmul(region, x, axis, eqns):
 
 
 def _cross_entropy_replacement(*args, plan: CrossEntropyPlan, implementation=None):
-    impl = list(implementation) if isinstance(implementation, tuple) else implementation
     labels = args[-1]
     if plan.label_shape == "kept":
         labels = jnp.broadcast_to(jnp.squeeze(labels, plan.axis), plan.batch_shape)
@@ -710,9 +710,10 @@ def _cross_entropy_replacement(*args, plan: CrossEntropyPlan, implementation=Non
         labels = labels.reshape(plan.batch_shape)
     labels = labels.astype(jnp.int32)
     if plan.w_layout is None:
-        source = _Logits(jnp.moveaxis(args[0], plan.axis, -1), impl)
+        source = _Logits(jnp.moveaxis(args[0], plan.axis, -1), implementation)
     else:
-        source = _Projected(jnp.moveaxis(args[0], plan.x_axis, -1), args[1], plan.w_layout, impl)
+        source = _Projected(jnp.moveaxis(args[0], plan.x_axis, -1), args[1], plan.w_layout,
+                            implementation)
     loss = _loss(plan, source, labels)
     return (plan.sign * loss).astype(plan.out_dtype).reshape(plan.out_shape)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from passes.fusion._shared import described
+from passes.fusion._shared import described, kernel_choice
 from passes.pattern import (Alt, Capture, Example, Op, PatternRule, RowVector, Wildcard,
                             is_floating, row_values)
 from passes.pipeline import RulePass
@@ -141,10 +141,11 @@ def gated_dense_replacement(x, w_gate, w_up, *, activation, out_dtype, implement
     return y.astype(out_dtype)
 
 
-def dense_act_pass(implementation=None) -> RulePass:
+def dense_act_pass(implementation=None, platform=None) -> RulePass:
     """The `dense_act` pass: act(x @ w [+ b]) -> `pallas_kernels.dense_act`, and
-    act(x @ w_gate) * (x @ w_up) -> `pallas_kernels.gated_dense`."""
-    impl = tuple(implementation) if isinstance(implementation, list) else implementation
+    act(x @ w_gate) * (x @ w_up) -> `pallas_kernels.gated_dense`, with the `KernelChoice` of
+    `implementation` and `platform`."""
+    impl = kernel_choice(implementation, platform)
     dense = matmul("x", "w", "dot")
     dense = Alt(Op(lax.add_p, dense, RowVector("b"), commutative=True), dense)
     gated = Op(lax.mul_p, activation(matmul("x", "w_gate", "gate")), matmul("x", "w_up", "up"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from jax import lax
 
-from passes.fusion._shared import described
+from passes.fusion._shared import described, kernel_choice
 from passes.pattern import (Alt, Capture, Cast, Inverse, Keep, Lit, Op, OptionalFactor,
                             PatternRule, Product, RowVector, Same, Wildcard, fresh, is_floating,
                             maybe_cast, row_values)
@@ -108,8 +108,8 @@ def _check(b):
     return None
 
 
-def _params(implementation):
-    impl = tuple(implementation) if isinstance(implementation, list) else implementation
+def _params(implementation, platform):
+    impl = kernel_choice(implementation, platform)
 
     def params(b):
         offset = b.get("scale_offset")
@@ -146,8 +146,8 @@ def rms_norm_replacement(x, scale=None, *, eps, out_dtype, scale_offset, offset_
     return y.astype(out_dtype)
 
 
-def _norm_pass(name, pattern, replacement, inputs, implementation):
-    params = _params(implementation)
+def _norm_pass(name, pattern, replacement, inputs, implementation, platform):
+    params = _params(implementation, platform)
     return RulePass(name, [
         # Rooted at the cast back to x's dtype, so one kernel call reads and writes bf16.
         PatternRule(f"{name}_cast", Cast(pattern), replacement, inputs=inputs, params=params,
@@ -156,17 +156,17 @@ def _norm_pass(name, pattern, replacement, inputs, implementation):
     ])
 
 
-def layer_norm_pass(implementation=None) -> RulePass:
+def layer_norm_pass(implementation=None, platform=None) -> RulePass:
     """The `layer_norm` pass: LayerNorm spellings -> `pallas_kernels.layer_norm`."""
     return described(_norm_pass("layer_norm", layer_norm_pattern(), layer_norm_replacement,
-                                ("x", "scale", "bias"), implementation),
+                                ("x", "scale", "bias"), implementation, platform),
                      "(x - mean) * rsqrt(var + eps) [* scale] [+ bias] over the last axis "
                      "(Flax/NNX LayerNorm, hand-written) -> pallas_kernels.layer_norm")
 
 
-def rms_norm_pass(implementation=None) -> RulePass:
+def rms_norm_pass(implementation=None, platform=None) -> RulePass:
     """The `rms_norm` pass: RMSNorm spellings -> `pallas_kernels.rms_norm`."""
     return described(_norm_pass("rms_norm", rms_norm_pattern(), rms_norm_replacement,
-                                ("x", "scale"), implementation),
+                                ("x", "scale"), implementation, platform),
                      "x * rsqrt(mean(x**2) + eps) [* scale] over the last axis (RMSNorm) -> "
                      "pallas_kernels.rms_norm")
