@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from passes import _compat as C
+from passes import _nnx
 from passes.pipeline import Context, MalformedProgramError, Pipeline
 from passes.report import Report
 
@@ -188,7 +189,11 @@ def _trace(fn, call: _Call, structs):
 
     def flat_fn(*flat):
         a, kw, merged = call.rebuild(list(flat))
-        out = fn(*a, **kw)
+        _nnx.scope_module_calls(merged)
+        try:
+            out = fn(*a, **kw)
+        finally:
+            _nnx.forget(merged)
         state = nnx.split(merged)[1] if call.nodes else {}
         out_leaves, out_tree = jax.tree.flatten(out)
         state_leaves, state_tree = jax.tree.flatten(state)

@@ -211,3 +211,36 @@ def test_undefined_use_is_found_inside_nested_bodies():
     broken = C.with_eqns(closed, [call.replace(params={**call.params, "jaxpr": broken_inner})])
     assert "inside `jit`" in undefined_use(broken)
     assert "before it is defined" in undefined_use(broken)
+
+
+# -- NNX module paths in the report ------------------------------------------------------------
+
+class _Block(nnx.Module):
+    def __init__(self, rngs):
+        self.norm = nnx.LayerNorm(16, rngs=rngs)
+        self.proj = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.gelu(self.proj(self.norm(x)))
+
+
+class _Stack(nnx.Module):
+    def __init__(self, rngs):
+        self.blocks = nnx.List([_Block(rngs) for _ in range(2)])
+
+    def __call__(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_nnx_rewrites_name_their_module_path():
+    net = _Stack(nnx.Rngs(0))
+    f = lambda m, x: m(x).sum()
+    x = jax.random.normal(jax.random.key(1), (4, 16))
+    report = passes.explain(f, net, x)
+    paths = {(r.pass_name, r.module_path) for r in report.rewrites}
+    assert {("layer_norm", "blocks/0/norm"), ("layer_norm", "blocks/1/norm"),
+            ("dense_act", "blocks/0"), ("dense_act", "blocks/1")} <= paths
+    assert type(net.blocks[0]) is _Block  # the caller's modules are untouched
+    np.testing.assert_allclose(passes.optimize(f)(net, x), f(net, x), rtol=1e-5)
