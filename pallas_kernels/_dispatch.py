@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import _sharding
 from pallas_kernels import _pallas_compat as compat
 from pallas_kernels import _target
 from pallas_kernels._target import KernelChoice
@@ -490,10 +491,58 @@ class Op:
                 if n in self.checked:
                     check_lowering(self.name, n, fn, args, kwargs)
                 if n != "xla" and self.sharding is not None and _sharding.wanted():
-                    return _sharding.per_shard(self.name, fn, self.sharding(*args, **kwargs),
-                                               _BoundCall.of(args, kwargs))
-                return fn(*args, **kwargs)
+                    out = _sharding.per_shard(self.name, fn, self.sharding(*args, **kwargs),
+                                              _BoundCall.of(args, kwargs))
+                else:
+                    out = fn(*args, **kwargs)
             except NotImplementedError as e:
                 reasons.append(f"{n}: {e}")
+                continue
+            _record(self.name, n, _why(choice, reasons))
+            return out
         raise NotImplementedError(
             f"{self.name}: no implementation could handle this call:\n  " + "\n  ".join(reasons))
+
+
+# ----------------------------------------------------------------------------------------------
+# Which implementation each call resolved to, and why (for reports of what a rewrite runs).
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    op: str
+    implementation: str  # "pallas", "cudnn" or "xla"
+    why: str  # "forced", "measured fastest ...", "the default ...", "fallback after ..."
+
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def recording_resolutions():
+    """Collect a `Resolution` for every op call made (traced) inside the block."""
+    outer = getattr(_recording, "log", None)
+    log: list[Resolution] = []
+    _recording.log = log
+    try:
+        yield log
+    finally:
+        _recording.log = outer
+        if outer is not None:
+            outer.extend(log)
+
+
+def _record(op: str, implementation: str, why: str) -> None:
+    log = getattr(_recording, "log", None)
+    if log is not None:
+        log.append(Resolution(op, implementation, why))
+
+
+def _why(choice: KernelChoice, declined: list[str]) -> str:
+    if choice.names is None:
+        timed = choice.platform != "cpu" and choice.on_host
+        why = "measured fastest on this device" if timed else "the default where kernels are not timed"
+    elif len(choice.names) == 1:
+        why = "forced"
+    else:
+        why = "first of the requested list"
+    return why if not declined else f"fallback after {'; '.join(declined)}"

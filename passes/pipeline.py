@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import time
@@ -14,9 +15,17 @@ from passes.validate import validate
 
 DISABLE_ENV = "JAXPASSES_DISABLE"  # comma-separated pass names, off for the whole run
 SITES_ENV = "JAXPASSES_SITES"  # comma-separated site ids: rewrite only these
-CHECK_ENV = "JAXPASSES_CHECK"  # "1": check_jaxpr after every pass
-BUILTIN_PASS_NAMES = frozenset({"canonicalize", "cse", "dce", "attention", "layer_norm",
-                                "rms_norm", "dense_act", "softmax_cross_entropy"})
+CHECK_ENV = "JAXPASSES_CHECK"  # "1": check_jaxpr after every pass, validate every rewrite
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_pass_names() -> frozenset:
+    """The names of the clean-ups and the built-in fusion passes, read from the passes
+    themselves (imported here, not at module level: they import this module)."""
+    from passes import cleanup_passes
+    from passes.fusion import builtin_passes
+
+    return frozenset(p.name for p in cleanup_passes() + builtin_passes())
 
 
 class RewriteError(RuntimeError):
@@ -72,6 +81,10 @@ class Rewrite:
     module_path: str
     region: str
     primal_only: bool
+    # The kernel implementation(s) the replacement's op calls resolved to ("pallas", "cudnn",
+    # "xla"; empty for a replacement that calls no pallas_kernels op), and why each was chosen.
+    implementation: str = ""
+    implementation_reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +113,9 @@ class Context:
         self._site_counter: dict[str, int] = {}
         self._sites_by_eqn: dict = {}
         self._declined_keys: set = set()
+        # site -> (the matched equations, the call that replaced them): the report's
+        # before/after view of a rewrite.
+        self.replaced: dict[str, tuple] = {}
 
     def site_for(self, pass_name: str, root_eqn) -> str:
         """A site id for a match rooted at `root_eqn`, stable across fixpoint rounds."""
@@ -119,9 +135,11 @@ class Context:
     def selected(self, site: str) -> bool:
         return self.sites is None or site in self.sites
 
-    def rewrote(self, pass_name, rule, site, eqn, region):
+    def rewrote(self, pass_name, rule, site, eqn, region, resolutions=()):
+        implementation = ",".join(dict.fromkeys(r.implementation for r in resolutions))
+        why = "; ".join(dict.fromkeys(f"{r.op}: {r.why}" for r in resolutions))
         self.rewrites.append(Rewrite(pass_name, rule, site, location(eqn), module_path(eqn),
-                                     region.path, region.primal_only))
+                                     region.path, region.primal_only, implementation, why))
         self.counts[pass_name] = self.counts.get(pass_name, 0) + 1
 
     def decline(self, pass_name, rule, site, eqn, reason):
@@ -263,7 +281,7 @@ class RulePass(Pass):
                 continue
             if reason is None:
                 try:
-                    new_eqn = replacement_eqn(m, root_eqn, f"{self.name}.{rule.name}")
+                    new_eqn, resolutions = replacement_eqn(m, root_eqn, f"{self.name}.{rule.name}")
                 except NotImplementedError as e:
                     reason = str(e) or "the replacement declined"
                 except Exception as e:
@@ -278,7 +296,8 @@ class RulePass(Pass):
                 continue
             taken |= m.eqns
             inserts.setdefault(at, []).append(new_eqn)
-            ctx.rewrote(self.name, rule.name, site, root_eqn, region)
+            ctx.rewrote(self.name, rule.name, site, root_eqn, region, resolutions)
+            ctx.replaced[site] = (tuple(region.eqns[p] for p in sorted(m.eqns)), new_eqn)
         if not inserts:
             return 0
         new_eqns = []
@@ -324,9 +343,9 @@ class Pipeline:
         # the passes it names; only a name no pipeline could have is an error.
         env = _env_list(DISABLE_ENV)
         for name in env:
-            if name not in names and name not in BUILTIN_PASS_NAMES:
+            if name not in names and name not in builtin_pass_names():
                 raise ValueError(f"{DISABLE_ENV} names unknown pass {name!r}; known passes: "
-                                 f"{sorted(set(names) | BUILTIN_PASS_NAMES)}")
+                                 f"{sorted(set(names) | builtin_pass_names())}")
         self.disable = frozenset(disable) | frozenset(env)
         self.max_iterations = max_iterations
         self.check = (os.environ.get(CHECK_ENV) == "1") if check is None else check

@@ -7,6 +7,7 @@ library call. The traced body is cached per (replacement, static params, input t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Callable, Sequence
@@ -98,7 +99,8 @@ REPLACEMENT_PREFIX = "passes."
 
 @functools.lru_cache(maxsize=4096)
 def _traced_call(fn, params_items, in_avals, name):
-    """(call primitive, params) of `jit(fn)` traced on `in_avals`, built once per key."""
+    """(call primitive, params, effects, output types, kernel resolutions) of `jit(fn)` traced
+    on `in_avals`, built once per key."""
     params = dict(params_items)
 
     def body(*args):
@@ -106,10 +108,20 @@ def _traced_call(fn, params_items, in_avals, name):
 
     structs = [jax.ShapeDtypeStruct(s, d, weak_type=w) for s, d, w in in_avals]
     body.__name__ = REPLACEMENT_PREFIX + name
-    traced = jax.make_jaxpr(jax.jit(body, inline=False))(*structs)
+    with _recording_resolutions() as resolutions:
+        traced = jax.make_jaxpr(jax.jit(body, inline=False))(*structs)
     (eqn,) = C.open_jaxpr(traced).eqns
     out_avals = tuple((tuple(v.aval.shape), str(v.aval.dtype)) for v in eqn.outvars)
-    return eqn.primitive, dict(eqn.params), eqn.effects, out_avals
+    return eqn.primitive, dict(eqn.params), eqn.effects, out_avals, tuple(resolutions)
+
+
+def _recording_resolutions():
+    """Which kernel implementation each op call in a replacement resolved to, and why."""
+    try:
+        from pallas_kernels._dispatch import recording_resolutions
+    except ImportError:  # the compiler works without the kernel library
+        return contextlib.nullcontext([])
+    return recording_resolutions()
 
 
 def is_replacement(eqn) -> bool:
@@ -118,12 +130,15 @@ def is_replacement(eqn) -> bool:
 
 
 def replacement_eqn(match: Match, root_eqn, name: str):
-    """The single equation computing `match.outputs` from `match.inputs` via the replacement."""
+    """The single equation computing `match.outputs` from `match.inputs` via the replacement,
+    and the kernel resolutions (`pallas_kernels` op calls: implementation and why) inside it."""
     in_avals = tuple(_aval_key(a) for a in match.inputs)
     params_items = tuple(sorted(match.params.items()))
-    prim, params, effects, out_avals = _traced_call(match.replacement, params_items, in_avals, name)
+    prim, params, effects, out_avals, resolutions = _traced_call(
+        match.replacement, params_items, in_avals, name)
     want = tuple((tuple(v.aval.shape), str(v.aval.dtype)) for v in match.outputs)
     if out_avals != want:
         raise TypeError(f"replacement returned {out_avals} where the program has {want}")
-    return C.new_jaxpr_eqn(list(match.inputs), list(match.outputs), prim, params, effects,
-                           root_eqn.source_info, root_eqn.ctx)
+    eqn = C.new_jaxpr_eqn(list(match.inputs), list(match.outputs), prim, params, effects,
+                          root_eqn.source_info, root_eqn.ctx)
+    return eqn, resolutions

@@ -244,3 +244,35 @@ def test_nnx_rewrites_name_their_module_path():
             ("dense_act", "blocks/0"), ("dense_act", "blocks/1")} <= paths
     assert type(net.blocks[0]) is _Block  # the caller's modules are untouched
     np.testing.assert_allclose(passes.optimize(f)(net, x), f(net, x), rtol=1e-5)
+
+
+# -- which kernel implementation each rewrite runs ---------------------------------------------
+
+def _layer_norm(x, g, b):
+    m = x.mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    return (x - m) / jnp.sqrt(v + 1e-5) * g + b
+
+
+@pytest.mark.parametrize("implementation, expected, why", [
+    (None, "xla", "layer_norm: the default where kernels are not timed"),
+    ("pallas", "pallas", "layer_norm: forced"),
+    (["pallas", "xla"], "pallas", "layer_norm: first of the requested list"),
+])
+def test_rewrites_say_which_implementation_they_run_and_why(implementation, expected, why):
+    x = jax.random.normal(jax.random.key(1), (4, 128))
+    report = passes.explain(_layer_norm, x, x[0], x[0],
+                            pipeline=passes.default_pipeline(implementation=implementation))
+    (rewrite,) = report.rewrites
+    assert (rewrite.implementation, rewrite.implementation_reason) == (expected, why)
+
+
+def test_a_fallback_after_a_decline_is_reported_with_the_reason():
+    x = jax.random.normal(jax.random.key(1), (4, 0))  # nothing to tile: the kernel declines
+    w = jnp.ones((0, 8))
+    f = lambda x, w, b: jax.nn.relu(x @ w + b)
+    report = passes.explain(f, x, w, jnp.ones(8),
+                            pipeline=passes.default_pipeline(implementation=["pallas", "xla"]))
+    (rewrite,) = report.rewrites
+    assert rewrite.implementation == "xla"
+    assert rewrite.implementation_reason.startswith("dense_act: fallback after pallas: d_in = 0")
