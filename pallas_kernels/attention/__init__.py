@@ -23,8 +23,9 @@ from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.triton import (AttentionConfig, config_space, heuristic_config,
                                              pallas_attention)
 from pallas_kernels.attention.xla import attention_xla
+from pallas_kernels.attention.sharding import attention_sharding
 
-attention_op = Op("attention")
+attention_op = Op("attention", sharding=attention_sharding)
 attention_op.register("pallas")(pallas_attention)
 attention_op.register("cudnn", check_lowering=True)(attention_cudnn)
 attention_op.register("xla")(attention_xla)

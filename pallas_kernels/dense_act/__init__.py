@@ -14,14 +14,15 @@ from pallas_kernels.dense_act.reference import dense_act_reference, gated_dense_
 from pallas_kernels.dense_act.triton import (DenseConfig, dense_act_pallas, dense_config_heuristic,
                                              dense_config_space, gated_dense_pallas)
 from pallas_kernels.dense_act.xla import dense_act_xla, gated_dense_xla
+from pallas_kernels.dense_act.sharding import dense_act_sharding, gated_dense_sharding
 
 ACTIVATIONS = ("gelu_tanh", "gelu_erf", "relu", "silu", "identity")
 
-dense_act_op = Op("dense_act")
+dense_act_op = Op("dense_act", sharding=dense_act_sharding)
 dense_act_op.register("pallas")(dense_act_pallas)
 dense_act_op.register("xla")(dense_act_xla)
 
-gated_dense_op = Op("gated_dense")
+gated_dense_op = Op("gated_dense", sharding=gated_dense_sharding)
 gated_dense_op.register("pallas")(gated_dense_pallas)
 gated_dense_op.register("xla")(gated_dense_xla)
 

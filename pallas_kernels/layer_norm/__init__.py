@@ -11,8 +11,9 @@ from pallas_kernels.layer_norm.reference import layer_norm_reference
 from pallas_kernels.layer_norm.triton import (NormConfig, layer_norm_pallas, norm_config_heuristic,
                                               norm_config_space)
 from pallas_kernels.layer_norm.xla import layer_norm_xla
+from pallas_kernels.layer_norm.sharding import layer_norm_sharding
 
-layer_norm_op = Op("layer_norm")
+layer_norm_op = Op("layer_norm", sharding=layer_norm_sharding)
 layer_norm_op.register("pallas")(layer_norm_pallas)
 layer_norm_op.register("xla")(layer_norm_xla)
 

@@ -20,8 +20,10 @@ from pallas_kernels.linear_cross_entropy.triton import (LinearCrossEntropyConfig
                                                         linear_cross_entropy_pallas)
 from pallas_kernels.linear_cross_entropy.xla import linear_cross_entropy_xla
 from pallas_kernels.softmax_cross_entropy.common import check_labels
+from pallas_kernels.linear_cross_entropy.sharding import linear_cross_entropy_sharding
 
-linear_cross_entropy_op = Op("linear_cross_entropy")
+linear_cross_entropy_op = Op("linear_cross_entropy",
+                             sharding=linear_cross_entropy_sharding)
 linear_cross_entropy_op.register("pallas")(linear_cross_entropy_pallas)
 linear_cross_entropy_op.register("xla")(linear_cross_entropy_xla)
 

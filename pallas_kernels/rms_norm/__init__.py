@@ -12,8 +12,9 @@ from pallas_kernels.layer_norm import check_norm_arguments
 from pallas_kernels.rms_norm.reference import rms_norm_reference
 from pallas_kernels.rms_norm.triton import rms_norm_pallas
 from pallas_kernels.rms_norm.xla import rms_norm_xla
+from pallas_kernels.layer_norm.sharding import rms_norm_sharding
 
-rms_norm_op = Op("rms_norm")
+rms_norm_op = Op("rms_norm", sharding=rms_norm_sharding)
 rms_norm_op.register("pallas")(rms_norm_pallas)
 rms_norm_op.register("xla")(rms_norm_xla)
 

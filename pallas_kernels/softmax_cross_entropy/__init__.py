@@ -19,8 +19,10 @@ from pallas_kernels.softmax_cross_entropy.triton import (CrossEntropyConfig,
                                                          cross_entropy_config_space,
                                                          softmax_cross_entropy_pallas)
 from pallas_kernels.softmax_cross_entropy.xla import softmax_cross_entropy_xla
+from pallas_kernels.softmax_cross_entropy.sharding import softmax_cross_entropy_sharding
 
-softmax_cross_entropy_op = Op("softmax_cross_entropy")
+softmax_cross_entropy_op = Op("softmax_cross_entropy",
+                              sharding=softmax_cross_entropy_sharding)
 softmax_cross_entropy_op.register("pallas")(softmax_cross_entropy_pallas)
 softmax_cross_entropy_op.register("xla")(softmax_cross_entropy_xla)
 

@@ -1,0 +1,116 @@
+"""Placements of a model's parameters and batch on a device mesh, and what a compiled program
+spends on collectives.
+
+`placement_shardings(kind, mesh, params, batch)` gives NamedShardings for three layouts:
+
+- "data": the batch split over every mesh axis, parameters replicated;
+- "tensor": the batch split over "data", every matrix's last axis over "model" (Megatron-style
+  column split; the language-model head splits its vocabulary);
+- "fsdp": the batch split over every mesh axis, every parameter's first axis too (ZeRO-3 style).
+
+An axis that does not divide by the mesh axes' size stays replicated. `collective_bytes(text)`
+sums the result sizes of the collectives in an HLO module's text (`compiled.as_text()`): what
+one device sends or receives per step, to within the algorithm's constant.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+PLACEMENTS = ("data", "tensor", "fsdp")
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+                "all-reduce-start", "all-gather-start", "collective-permute-start")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_INSTRUCTION = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(_COLLECTIVES) + r")\(")
+_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"data=4,model=2" -> {"data": 4, "model": 2}."""
+    axes = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        if not name or not size.isdigit():
+            raise ValueError(f"--mesh takes NAME=SIZE[,NAME=SIZE...]; got {text!r}")
+        axes[name.strip()] = int(size)
+    return axes
+
+
+def make_mesh(axes: dict[str, int]) -> Mesh:
+    n = math.prod(axes.values())
+    devices = jax.devices()
+    if len(devices) < n:
+        raise ValueError(f"the mesh {axes} needs {n} devices; {len(devices)} are visible (on a "
+                         f"CPU, --host-devices {n} simulates them)")
+    return Mesh(np.array(devices[:n]).reshape(tuple(axes.values())), tuple(axes))
+
+
+def _fits(size: int, mesh: Mesh, axes) -> bool:
+    names = axes if isinstance(axes, tuple) else (axes,)
+    n = math.prod(mesh.shape[a] for a in names)
+    return n > 1 and size % n == 0
+
+
+def _spec(shape, axis: int, mesh: Mesh, axes) -> P:
+    if not shape or not _fits(shape[axis], mesh, axes):
+        return P()
+    parts = [None] * len(shape)
+    parts[axis] = axes
+    return P(*parts)
+
+
+def _all_axes(mesh: Mesh):
+    return tuple(mesh.axis_names) if len(mesh.axis_names) > 1 else mesh.axis_names[0]
+
+
+def param_spec(kind: str, mesh: Mesh, shape) -> P:
+    if kind == "tensor" and len(shape) == 2 and "model" in mesh.axis_names:
+        return _spec(shape, 1, mesh, "model")
+    if kind == "fsdp":
+        return _spec(shape, 0, mesh, _all_axes(mesh))
+    return P()
+
+
+def batch_spec(kind: str, mesh: Mesh, shape) -> P:
+    axes = "data" if kind == "tensor" and "data" in mesh.axis_names else _all_axes(mesh)
+    return _spec(shape, 0, mesh, axes)
+
+
+def placement_shardings(kind: str, mesh: Mesh, params, batch):
+    """(param shardings, batch shardings), trees like `params` and `batch`."""
+    if kind not in PLACEMENTS:
+        raise ValueError(f"unknown placement {kind!r}; expected one of {PLACEMENTS}")
+    ps = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(kind, mesh, x.shape)), params)
+    bs = jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(kind, mesh, x.shape)), batch)
+    return ps, bs
+
+
+def _shape_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        if dtype in _DTYPE_BYTES:
+            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def collective_bytes(hlo_text: str) -> int:
+    """Bytes of the results of every collective in an HLO module's text (per device)."""
+    total = 0
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.search(line)
+        if m:
+            total += _shape_bytes(m.group(1))
+    return total
+
+
+def compiled_costs(compiled) -> dict:
+    """Collective bytes and temporary memory of a compiled executable, per device."""
+    analysis = compiled.memory_analysis()
+    return {"collective_bytes": collective_bytes(compiled.as_text()),
+            "temp_memory_bytes": None if analysis is None else int(analysis.temp_size_in_bytes)}

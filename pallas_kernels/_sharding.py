@@ -1,0 +1,315 @@
+"""Kernels that run on local shards: one wrapper for every op, under any sharding of its operands.
+
+A `pallas_call` is opaque to XLA's partitioners: left alone, GSPMD and Shardy all-gather every
+operand and run the whole kernel on every device. `per_shard` instead wraps an implementation in
+`jax.experimental.custom_partitioning` (a Shardy sharding rule plus the GSPMD callbacks), forward
+and backward, so that each device runs the kernel on its own block.
+
+What the wrapper needs from an op is a `Rule`: a factor name per axis of every array operand and
+result, as in an einsum ("b q h d"), and which factors the kernel reduces over (`whole`, with the
+reason). A factor that is not `whole` splits freely: the kernel treats its blocks independently.
+In the backward, an operand's cotangent sums over the factors its operand lacks (a weight's
+gradient over the batch), so the wrapper adds the shards' partial cotangents with one `psum`.
+A `whole` factor that is split is either handled by a `Collective` the op supplies (vocabulary-
+parallel cross-entropy) or gathered for the kernel, with a warning naming the op and the reason;
+`gathers()` lists those events, so tests and experiments can see them.
+
+Inside `shard_map` (every mesh axis manual) custom_partitioning inlines the kernel on the local
+block, as it does on one device; `per_shard` adds nothing there. The backward recomputes the
+forward from the operands (residuals would need sharding rules of their own); the kernels'
+forward is cheap next to their backward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+import warnings
+from typing import Any, Callable
+
+import jax
+from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, SdyShardingRule,
+                                                  custom_partitioning)
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """A local forward and backward for when a `whole` factor is split over mesh axes.
+
+    `forward(axes, shards, *args, **kwargs) -> results` and `backward(axes, shards,
+    cotangents, *args, **kwargs) -> cotangents of the float operands`, called like the op, on local blocks, combining shards with
+    collectives over `axes` (the mesh axis names the factor is split over, `shards` their
+    total size). Their results are complete: nothing is added after them for this factor.
+    """
+    factor: str
+    forward: Callable
+    backward: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Factor names of an op's array operands and results.
+
+    `args` and `kwargs` mirror the call's own, each array replaced by its axes' factor names, a
+    space-separated string ("b q h d"); "g*r" is one axis made of g (major) and r, of which
+    only g may be split; "1" an axis of size one. Non-array arguments are left as they are.
+    `results` gives the flattened results' factors. `whole` maps each factor the kernel reduces
+    over to the reason it cannot be split.
+    """
+    args: tuple
+    kwargs: dict
+    results: tuple[str, ...]
+    whole: dict[str, str] = dataclasses.field(default_factory=dict)
+    collectives: tuple[Collective, ...] = ()
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # of minor compound factors
+
+
+def batch_dims(n: int, prefix: str = "a") -> str:
+    """Factor names for n leading axes a kernel treats as independent rows: "a0 a1 ..."."""
+    return " ".join(f"{prefix}{i}" for i in range(n))
+
+
+# -- what was gathered ---------------------------------------------------------------------------
+
+_gathers: list[str] = []
+_gathers_lock = threading.Lock()
+
+
+def gathers() -> list[str]:
+    """Messages of every split `whole` factor gathered for a kernel so far, oldest first."""
+    with _gathers_lock:
+        return list(_gathers)
+
+
+def _report_gather(message: str) -> None:
+    with _gathers_lock:
+        new = message not in _gathers
+        _gathers.append(message)
+    if new:
+        warnings.warn(message, stacklevel=2)
+
+
+# -- factors ---------------------------------------------------------------------------------------
+
+def _axes_of(dims: str) -> list[tuple[str, ...]]:
+    """"b g*r 1" -> [("b",), ("g", "r"), ()]."""
+    return [() if d == "1" else tuple(d.split("*")) for d in dims.split()]
+
+
+def _major(axis: tuple[str, ...]) -> str | None:
+    return axis[0] if axis else None
+
+
+def _mapping(axes: list[tuple[str, ...]], ones: list[int]) -> ArrayMapping:
+    out = []
+    for a in axes:
+        if not a:  # each size-one axis its own factor, so sizes never conflict
+            ones[0] += 1
+            out.append(f"one{ones[0]}")
+        elif len(a) == 1:
+            out.append(a[0])
+        else:
+            out.append(CompoundFactor(*a))
+    return ArrayMapping(*out)
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _named_spec(sharding, ndim: int) -> list[tuple[str, ...]]:
+    spec = getattr(sharding, "spec", None)
+    if spec is None:  # a sharding that names no mesh axes: treat as replicated
+        return [()] * ndim
+    spec = list(spec) + [None] * (ndim - len(spec))
+    return [_spec_axes(e) for e in spec]
+
+
+def _size(mesh, axes) -> int:
+    n = 1
+    for m in axes:
+        n *= mesh.shape[m]
+    return n
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Which mesh axes each factor is split over, for one call."""
+    factor_axes: dict[str, tuple[str, ...]]
+    collective: Collective | None
+
+    def spec(self, axes: list[tuple[str, ...]]) -> P:
+        parts = []
+        for a in axes:
+            mesh_axes = self.factor_axes.get(_major(a), ())
+            parts.append(None if not mesh_axes else
+                         mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        return P(*parts)
+
+    def missing(self, axes: list[tuple[str, ...]]) -> tuple[str, ...]:
+        """Mesh axes of split factors that these axes lack: what a cotangent sums over."""
+        present = {_major(a) for a in axes}
+        return tuple(m for f, ms in self.factor_axes.items() if f not in present for m in ms)
+
+
+class _Partitioned:
+    """One function of local blocks, wrapped in custom_partitioning for a rule."""
+
+    def __init__(self, name: str, local: Callable, operands: list, results: list, rule: Rule,
+                 *, backward: bool):
+        self.name, self.local, self.rule, self.backward = name, local, rule, backward
+        self.operands = [_axes_of(d) for d in operands]
+        self.results = [_axes_of(d) for d in results]
+        self.fn = custom_partitioning(lambda *arrays: tuple(local(None, *arrays)))
+        ones = [0]
+        sdy = SdyShardingRule(
+            tuple(_mapping(a, ones) for a in self.operands),
+            tuple(_mapping(a, ones) for a in self.results),
+            need_replication_factors=tuple(f for f in self._factors()
+                                           if f in rule.whole and not self._collective(f)),
+            **{f: s for f, s in rule.sizes.items() if f in self._factors()})
+        self.fn.def_partition(partition=self._partition,
+                              infer_sharding_from_operands=self._infer,
+                              sharding_rule=sdy)
+
+    def _factors(self) -> list[str]:
+        """Every factor, in order of first use (Shardy wants special factors in that order)."""
+        seen = {f: None for axes in self.operands + self.results for a in axes for f in a}
+        return list(seen)
+
+    def _collective(self, factor: str) -> Collective | None:
+        return next((c for c in self.rule.collectives if c.factor == factor), None)
+
+    def _plan(self, mesh, arg_shapes) -> _Plan:
+        factor_axes: dict[str, tuple[str, ...]] = {}
+        used: set[str] = set()
+        collective = None
+        for axes, shape in zip(self.operands, arg_shapes):
+            for a, (size, mesh_axes) in zip(axes, zip(shape.shape,
+                                                      _named_spec(shape.sharding, len(axes)))):
+                f = _major(a)
+                if not mesh_axes or f is None or f in factor_axes or used & set(mesh_axes):
+                    continue
+                n = _size(mesh, mesh_axes)
+                if f in self.rule.whole:
+                    handler = self._collective(f)
+                    if handler is None or collective is not None or size % n:
+                        _report_gather(
+                            f"pallas_kernels: {self.name}: {f!r} is split over mesh axes "
+                            f"{mesh_axes}, but {self.rule.whole[f]}; it is gathered for the "
+                            f"kernel")
+                        continue
+                    collective = handler
+                elif size % n:
+                    continue
+                factor_axes[f] = mesh_axes
+                used |= set(mesh_axes)
+        return _Plan(factor_axes, collective)
+
+    def _shardings(self, mesh, plan: _Plan, which: list) -> tuple:
+        return tuple(NamedSharding(mesh, plan.spec(a)) for a in which)
+
+    def _infer(self, mesh, arg_shapes, result_shape):
+        plan = self._plan(mesh, arg_shapes)
+        return self._result_shardings(mesh, plan)
+
+    def _result_shardings(self, mesh, plan: _Plan) -> tuple:
+        out = []
+        for a in self.results:
+            # A forward result lacking a split factor would be a partial sum we cannot complete
+            # (the kernel is not linear in it); rules name every free factor in the results.
+            out.append(NamedSharding(mesh, plan.spec(a)))
+        return tuple(out)
+
+    def _partition(self, mesh, arg_shapes, result_shape):
+        plan = self._plan(mesh, arg_shapes)
+        arg_shardings = self._shardings(mesh, plan, self.operands)
+        result_shardings = self._result_shardings(mesh, plan)
+        sums = [plan.missing(a) for a in self.results] if self.backward else None
+        collective, factor_axes = plan.collective, plan.factor_axes
+
+        axes = None if collective is None else factor_axes[collective.factor]
+        handler = None if collective is None else (collective, axes, _size(mesh, axes))
+
+        def lower(*arrays):
+            results = list(self.local(handler, *arrays))
+            if sums is not None:
+                for i, over in enumerate(sums):
+                    over = tuple(m for m in over
+                                 if collective is None or m not in axes)
+                    if over:
+                        results[i] = jax.lax.psum(results[i], over)
+            return tuple(results)
+
+        return mesh, lower, result_shardings, arg_shardings
+
+    def __call__(self, *arrays):
+        return self.fn(*arrays)
+
+
+# -- the wrapper -------------------------------------------------------------------------------
+
+def per_shard(name: str, fn: Callable, rule: Rule, bound) -> Any:
+    """`fn` called on `bound`'s arguments, forward and backward on each device's own block.
+
+    `bound` is the dispatcher's `_BoundCall` of the call; `rule` its factor names.
+    """
+    positions = bound.array_positions
+    rule_leaves = jax.tree_util.tree_flatten((rule.args, rule.kwargs))[0]
+    operand_dims = [rule_leaves[i] for i in positions]
+    arrays = [bound.leaves[i] for i in positions]
+    diff = bound.differentiable()
+    n = len(arrays)
+    out_tree = jax.tree_util.tree_structure(
+        jax.eval_shape(lambda *a: bound.call(fn, a), *arrays))
+
+    def forward_local(handler, *local):
+        if handler is not None:
+            collective, axes, shards = handler
+            return jax.tree_util.tree_leaves(
+                bound.call(functools.partial(collective.forward, axes, shards), local))
+        return jax.tree_util.tree_leaves(bound.call(fn, local))
+
+    def backward_local(handler, *local):
+        primals, cotangents = local[:n], local[n:]
+        if handler is not None:
+            collective, axes, shards = handler
+            backward = functools.partial(collective.backward, axes, shards, cotangents)
+            return list(bound.call(backward, primals))
+
+        def of_floats(*floats):
+            full = list(primals)
+            for j, x in zip(diff, floats):
+                full[j] = x
+            return jax.tree_util.tree_leaves(bound.call(fn, full))
+
+        _, vjp = jax.vjp(of_floats, *[primals[j] for j in diff])
+        return list(vjp(list(cotangents)))
+
+    forward = _Partitioned(name, forward_local, operand_dims, list(rule.results), rule,
+                           backward=False)
+    backward = _Partitioned(f"{name} (backward)", backward_local,
+                            operand_dims + list(rule.results),
+                            [operand_dims[j] for j in diff], rule, backward=True)
+
+    @jax.custom_vjp
+    def run(*arrays):
+        return forward(*arrays)
+
+    def run_fwd(*arrays):
+        return forward(*arrays), arrays
+
+    def run_bwd(arrays, cotangents):
+        grads = iter(backward(*arrays, *cotangents))
+        return tuple(next(grads) if j in diff else None for j in range(n))
+
+    run.defvjp(run_fwd, run_bwd)
+    return jax.tree_util.tree_unflatten(out_tree, run(*arrays))
+
+
+def wanted() -> bool:
+    """Whether wrapping can matter: more than one device is visible."""
+    return jax.device_count() > 1

@@ -1,0 +1,39 @@
+"""How `attention`'s kernels split across devices (see pallas_kernels/_sharding.py).
+
+Batch and heads split freely (with grouped-query attention, the key/value heads carry the split
+and each carries its group of query heads). The kernel's softmax runs over every key and its
+logits contract head_dim, so neither splits; with `causal` the query axis does not split either,
+since the mask is placed by each query's absolute position. Sequence-split attention (ring
+attention) is not implemented: such a placement is gathered, with a warning.
+"""
+from __future__ import annotations
+
+from pallas_kernels._sharding import Rule
+
+_WHOLE = {
+    "k": "the kernel's softmax runs over every key (sequence-split ring attention is not "
+         "implemented)",
+    "d": "the kernel contracts the logits over head_dim",
+}
+_CAUSAL_Q = ("the causal mask is placed by absolute query position, which a query block does "
+             "not know")
+
+
+def _broadcast(x, names: str) -> str | None:
+    """The factors of a 4-D mask or bias: size-one axes broadcast."""
+    if x is None:
+        return None
+    return " ".join("1" if size == 1 else name for size, name in zip(x.shape, names.split()))
+
+
+def attention_sharding(q, k, v, *, causal, mask, bias, scale):
+    group = q.shape[2] // k.shape[2]
+    heads = "g" if group == 1 else "g*r"
+    whole = dict(_WHOLE, **({"q": _CAUSAL_Q} if causal else {}))
+    if causal:
+        whole["q"] = _CAUSAL_Q
+    return Rule(args=(f"b q {heads} d", "b k g d", "b k g d"),
+                kwargs=dict(causal=causal, mask=_broadcast(mask, f"b {heads} q k"),
+                            bias=_broadcast(bias, f"b {heads} q k"), scale=scale),
+                results=(f"b q {heads} d",), whole=whole,
+                sizes={"r": group} if group > 1 else {})
