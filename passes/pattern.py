@@ -1077,6 +1077,9 @@ class Example(Pattern):
     does, `x.sum(1)` then means another axis). `rank_polymorphic=False` pins each input to its
     example's rank.
 
+    Scaling by a constant matches in either spelling: `x * c` in the example also matches
+    `x / d` in the program when c = 1/d (within `rtol`), and the other way round.
+
     `literals` says how the example's constants match the program's: "exact" (within `rtol`),
     "any" (any uniform constant: `x * 0.5` also matches `x * 0.70710678`), or a tuple of
     names, one per literal in the order the example's equations use them, capturing each
@@ -1125,7 +1128,10 @@ class Example(Pattern):
                 eqn = producers[v]
                 name = f"{self._scope}#{len(self._internal)}"
                 self._internal.append(name)
-                built[v] = Op(eqn.primitive, *[build(a) for a in eqn.invars], name=name,
+                prims = eqn.primitive
+                if prims in (lax.mul_p, lax.div_p) and isinstance(eqn.invars[1], C.Literal):
+                    prims = (lax.mul_p, lax.div_p)  # x * c also matches x / (1/c): see _Compare
+                built[v] = Op(prims, *[build(a) for a in eqn.invars], name=name,
                               commutative=eqn.primitive in _COMMUTATIVE and len(eqn.invars) == 2)
             return built[v]
 
@@ -1178,17 +1184,7 @@ class _Compare:
     def same(self, ref, atom):
         st = self.st
         if isinstance(ref, C.Literal):
-            want, have = float(np.asarray(ref.val).flat[0]), literal_value(st.region, atom)
-            names = self.example.literal_names
-            if names != "exact":
-                if have is None:
-                    return st.fail("the example has a constant where the program has {}",
-                                   _describe(atom))
-                return self._bind_literal(names, ref, have)
-            if have is None or not _close(have, want, self.example.rtol, 0.0):
-                return st.fail("the example has constant {:.7g} where the program has {}", want,
-                               f"{have:.7g}" if have is not None else _describe(atom))
-            return True
+            return self._same_literal(ref, literal_value(st.region, atom), atom)
         if ref in self.inputs:
             name = self.inputs[ref]
             return True if same_atom(st.bindings[name], atom) else st.fail(
@@ -1199,6 +1195,8 @@ class _Compare:
                 "the example reuses a value where the program has two")
         reqn = self.producers[ref]
         _, eqn = st.producer(atom)
+        if eqn is not None and {eqn.primitive, reqn.primitive} == {lax.mul_p, lax.div_p}:
+            return self._same_scaling(ref, reqn, atom, eqn)
         if eqn is None or eqn.primitive is not reqn.primitive:
             return st.fail("the example has `{}` where the program has {}", reqn.primitive,
                            f"`{eqn.primitive}`" if eqn is not None else _describe(atom))
@@ -1232,6 +1230,38 @@ class _Compare:
         self.mapping[ref] = atom
         return True
 
+
+    def _same_literal(self, ref, have, atom):
+        st = self.st
+        want = float(np.asarray(ref.val).flat[0])
+        names = self.example.literal_names
+        if names != "exact":
+            if have is None:
+                return st.fail("the example has a constant where the program has {}",
+                               _describe(atom))
+            return self._bind_literal(names, ref, have)
+        if have is None or not _close(have, want, self.example.rtol, 0.0):
+            return st.fail("the example has constant {:.7g} where the program has {}", want,
+                           f"{have:.7g}" if have is not None else _describe(atom))
+        return True
+
+    def _same_scaling(self, ref, reqn, atom, eqn):
+        """`x * c` in the example against `x / d` in the program (or the reverse), c = 1/d."""
+        st = self.st
+        (rx, rc), (px, pc) = reqn.invars, eqn.invars
+        have = literal_value(st.region, pc)
+        if not isinstance(rc, C.Literal) or have is None or have == 0:
+            return st.fail("the example has `{}` where the program has `{}`", reqn.primitive,
+                           eqn.primitive)
+        r = self._same_literal(rc, 1.0 / have, pc)
+        r = r and self.same(rx, px)
+        if not r:
+            return r
+        if _aval_key(reqn.outvars[0])[:2] != _aval_key(eqn.outvars[0])[:2]:
+            return st.fail("`{}` gives {} where the example gives {}", eqn.primitive,
+                           _aval_key(eqn.outvars[0])[:2], _aval_key(reqn.outvars[0])[:2])
+        self.mapping[ref] = atom
+        return True
 
     def _bind_literal(self, names, ref, value):
         if names == "any":

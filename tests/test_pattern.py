@@ -412,3 +412,21 @@ def test_example_literals_as_wildcards():
         Example(gelu_like, SPEC, literals=("a", "b"))
     rule = PatternRule("gelu_like", named, _times_two, inputs=("x",), params=lambda b: {})
     assert rule.inputs == ("x",)
+
+
+def test_example_scaling_matches_division_by_the_reciprocal():
+    spec = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+
+    def gelu_erf(x):
+        return 0.5 * x * (1 + jax.lax.erf(x * 0.70710678))
+
+    rule = PatternRule("gelu", Example(gelu_erf, spec), lambda x: jax.nn.gelu(x, approximate=False),
+                       inputs=("x",))
+    pipe = passes.Pipeline(passes.cleanup_passes() + [passes.RulePass("gelu", [rule])])
+    by_division = lambda x: 0.5 * x * (1 + jax.lax.erf(x / jnp.sqrt(2.0)))
+    other_divisor = lambda x: 0.5 * x * (1 + jax.lax.erf(x / 3.0))
+    x = jax.random.normal(jax.random.key(0), (3, 5))
+    assert passes.explain(by_division, x, pipeline=pipe).counts["gelu"] == 1
+    assert passes.explain(other_divisor, x, pipeline=pipe).counts["gelu"] == 0
+    np.testing.assert_allclose(passes.optimize(by_division, pipe)(x), by_division(x),
+                               rtol=1e-5, atol=1e-6)
