@@ -50,3 +50,34 @@ def gpu_lowering_target(device_kind: str = "NVIDIA H100 80GB HBM3"):
     except TypeError:  # releases whose abstract meshes carry no device
         return contextlib.nullcontext()
     return jax.sharding.use_abstract_mesh(mesh)
+
+
+def tpu_compiler_params(dimension_semantics, vmem_limit_bytes: int | None = None):
+    """Mosaic compiler parameters: which grid axes are parallel and which carry a reduction
+    (`pltpu.CompilerParams`, formerly `pltpu.TPUCompilerParams`)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+    kwargs = {"dimension_semantics": tuple(dimension_semantics)}
+    if vmem_limit_bytes is not None:
+        kwargs["vmem_limit_bytes"] = int(vmem_limit_bytes)
+    return cls(**kwargs)
+
+
+def tpu_interpret(interpret: bool):
+    """The `interpret=` argument of a Mosaic `pallas_call`: Pallas's TPU interpreter (which
+    simulates VMEM, DMAs and semaphores on a CPU) when asked for, else False (lower through
+    Mosaic). Releases without `pltpu.InterpretParams` fall back to the generic interpreter."""
+    if not interpret:
+        return False
+    from jax.experimental.pallas import tpu as pltpu
+
+    params = getattr(pltpu, "InterpretParams", None)
+    return params() if params is not None else True
+
+
+def tpu_vmem(shape, dtype):
+    """A VMEM scratch buffer of `shape` and `dtype` for `scratch_shapes`."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.VMEM(tuple(shape), dtype)

@@ -16,9 +16,10 @@ registers them, in order of preference, on `attention_op`.
 """
 from __future__ import annotations
 
-from pallas_kernels._dispatch import Op
+from pallas_kernels._dispatch import Op, by_platform
 from pallas_kernels.attention.common import canonicalize
 from pallas_kernels.attention.cudnn import attention_cudnn
+from pallas_kernels.attention.mosaic_tpu import attention_mosaic_tpu
 from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.triton import (AttentionConfig, config_space, heuristic_config,
                                              pallas_attention)
@@ -26,7 +27,7 @@ from pallas_kernels.attention.xla import attention_xla
 from pallas_kernels.attention.sharding import attention_sharding
 
 attention_op = Op("attention", sharding=attention_sharding)
-attention_op.register("pallas")(pallas_attention)
+attention_op.register("pallas")(by_platform(gpu=pallas_attention, tpu=attention_mosaic_tpu))
 attention_op.register("cudnn", check_lowering=True)(attention_cudnn)
 attention_op.register("xla")(attention_xla)
 

@@ -9,7 +9,8 @@ implementations, in order of preference, on `dense_act_op` and `gated_dense_op`.
 """
 from __future__ import annotations
 
-from pallas_kernels._dispatch import Op
+from pallas_kernels._dispatch import Op, by_platform
+from pallas_kernels.dense_act.mosaic_tpu import dense_act_mosaic_tpu, gated_dense_mosaic_tpu
 from pallas_kernels.dense_act.reference import dense_act_reference, gated_dense_reference
 from pallas_kernels.dense_act.triton import (DenseConfig, dense_act_pallas, dense_config_heuristic,
                                              dense_config_space, gated_dense_pallas)
@@ -19,11 +20,12 @@ from pallas_kernels.dense_act.sharding import dense_act_sharding, gated_dense_sh
 ACTIVATIONS = ("gelu_tanh", "gelu_erf", "relu", "silu", "identity")
 
 dense_act_op = Op("dense_act", sharding=dense_act_sharding)
-dense_act_op.register("pallas")(dense_act_pallas)
+dense_act_op.register("pallas")(by_platform(gpu=dense_act_pallas, tpu=dense_act_mosaic_tpu))
 dense_act_op.register("xla")(dense_act_xla)
 
 gated_dense_op = Op("gated_dense", sharding=gated_dense_sharding)
-gated_dense_op.register("pallas")(gated_dense_pallas)
+gated_dense_op.register("pallas")(
+    by_platform(gpu=gated_dense_pallas, tpu=gated_dense_mosaic_tpu))
 gated_dense_op.register("xla")(gated_dense_xla)
 
 

@@ -6,7 +6,8 @@ module registers the implementations, in order of preference, on `layer_norm_op`
 """
 from __future__ import annotations
 
-from pallas_kernels._dispatch import Op
+from pallas_kernels._dispatch import Op, by_platform
+from pallas_kernels.layer_norm.mosaic_tpu import layer_norm_mosaic_tpu
 from pallas_kernels.layer_norm.reference import layer_norm_reference
 from pallas_kernels.layer_norm.triton import (NormConfig, layer_norm_pallas, norm_config_heuristic,
                                               norm_config_space)
@@ -14,7 +15,7 @@ from pallas_kernels.layer_norm.xla import layer_norm_xla
 from pallas_kernels.layer_norm.sharding import layer_norm_sharding
 
 layer_norm_op = Op("layer_norm", sharding=layer_norm_sharding)
-layer_norm_op.register("pallas")(layer_norm_pallas)
+layer_norm_op.register("pallas")(by_platform(gpu=layer_norm_pallas, tpu=layer_norm_mosaic_tpu))
 layer_norm_op.register("xla")(layer_norm_xla)
 
 

@@ -11,8 +11,9 @@ implementations, in order of preference, on `linear_cross_entropy_op`.
 """
 from __future__ import annotations
 
-from pallas_kernels._dispatch import Op
+from pallas_kernels._dispatch import Op, by_platform
 from pallas_kernels.linear_cross_entropy.common import W_LAYOUTS, linear_loss_dtype
+from pallas_kernels.linear_cross_entropy.mosaic_tpu import linear_cross_entropy_mosaic_tpu
 from pallas_kernels.linear_cross_entropy.reference import linear_cross_entropy_reference
 from pallas_kernels.linear_cross_entropy.triton import (LinearCrossEntropyConfig,
                                                         linear_cross_entropy_config_heuristic,
@@ -24,7 +25,8 @@ from pallas_kernels.linear_cross_entropy.sharding import linear_cross_entropy_sh
 
 linear_cross_entropy_op = Op("linear_cross_entropy",
                              sharding=linear_cross_entropy_sharding)
-linear_cross_entropy_op.register("pallas")(linear_cross_entropy_pallas)
+linear_cross_entropy_op.register("pallas")(
+    by_platform(gpu=linear_cross_entropy_pallas, tpu=linear_cross_entropy_mosaic_tpu))
 linear_cross_entropy_op.register("xla")(linear_cross_entropy_xla)
 
 

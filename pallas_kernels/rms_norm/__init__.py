@@ -7,15 +7,16 @@ compare against. This module registers the implementations, in order of preferen
 """
 from __future__ import annotations
 
-from pallas_kernels._dispatch import Op
+from pallas_kernels._dispatch import Op, by_platform
 from pallas_kernels.layer_norm import check_norm_arguments
+from pallas_kernels.rms_norm.mosaic_tpu import rms_norm_mosaic_tpu
 from pallas_kernels.rms_norm.reference import rms_norm_reference
 from pallas_kernels.rms_norm.triton import rms_norm_pallas
 from pallas_kernels.rms_norm.xla import rms_norm_xla
 from pallas_kernels.layer_norm.sharding import rms_norm_sharding
 
 rms_norm_op = Op("rms_norm", sharding=rms_norm_sharding)
-rms_norm_op.register("pallas")(rms_norm_pallas)
+rms_norm_op.register("pallas")(by_platform(gpu=rms_norm_pallas, tpu=rms_norm_mosaic_tpu))
 rms_norm_op.register("xla")(rms_norm_xla)
 
 

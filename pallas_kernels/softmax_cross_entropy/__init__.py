@@ -11,8 +11,9 @@ preference, on `softmax_cross_entropy_op`.
 """
 from __future__ import annotations
 
-from pallas_kernels._dispatch import Op
+from pallas_kernels._dispatch import Op, by_platform
 from pallas_kernels.softmax_cross_entropy.common import check_labels
+from pallas_kernels.softmax_cross_entropy.mosaic_tpu import softmax_cross_entropy_mosaic_tpu
 from pallas_kernels.softmax_cross_entropy.reference import softmax_cross_entropy_reference
 from pallas_kernels.softmax_cross_entropy.triton import (CrossEntropyConfig,
                                                          cross_entropy_config_heuristic,
@@ -23,7 +24,8 @@ from pallas_kernels.softmax_cross_entropy.sharding import softmax_cross_entropy_
 
 softmax_cross_entropy_op = Op("softmax_cross_entropy",
                               sharding=softmax_cross_entropy_sharding)
-softmax_cross_entropy_op.register("pallas")(softmax_cross_entropy_pallas)
+softmax_cross_entropy_op.register("pallas")(
+    by_platform(gpu=softmax_cross_entropy_pallas, tpu=softmax_cross_entropy_mosaic_tpu))
 softmax_cross_entropy_op.register("xla")(softmax_cross_entropy_xla)
 
 

@@ -1,0 +1,407 @@
+"""Flash attention in Pallas for TPUs (Mosaic): forward and backward kernels, their wrappers, the
+custom_vjp wiring and the TPU "pallas" implementation of `attention`.
+
+Arrays are laid out (batch, heads, seq, head_dim) inside, so a block's last two dimensions are
+(seq block, whole head_dim). Forward: grid (batch, heads, query blocks, key blocks), the key
+axis a reduction; the running max, sum and output accumulate in float32 VMEM scratch and the
+last key block writes the output and the row statistics (max, 1 / sum). Backward: a dQ kernel
+(grid as the forward's) and a dK/dV kernel (grid (batch, kv heads, key blocks, group heads x
+query blocks), the last axis a reduction), both recomputing probabilities from the statistics.
+Grouped-query attention is in the index maps (query head h reads kv head h // group). Causal
+grids skip the compute of blocks above the diagonal, and their key/value index maps repeat the
+last needed block so that no DMA is spent on skipped ones. Sequences are padded to whole blocks
+and the padding masked; rows without keys give zeros. The bias gradient is the dQ kernel's dS
+tiles (float32, (batch, heads, q, kv)) summed over the axes the bias broadcasts along.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _pallas_compat as compat
+from pallas_kernels import _tpu_tiles as tt
+from pallas_kernels._target import current
+from pallas_kernels.attention.common import canonicalize
+
+_F32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))
+_NN = (((1,), (0,)), ((), ()))
+_TN = (((0,), (0,)), ((), ()))
+_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+class _Plan(NamedTuple):
+    """Everything static the kernels need (hashable: a custom_vjp nondiff argument)."""
+    group: int
+    q_len: int
+    kv_len: int
+    block_q: int
+    block_k: int
+    head_dim: int
+    scale: float
+    causal: bool
+    mask: tuple | None  # which of (batch, heads, q, kv) the mask has in full; None: no mask
+    bias: tuple | None
+    interpret: bool
+
+    @property
+    def offset(self) -> int:
+        """Causal diagonal: query i sees key j iff j <= i + offset."""
+        return self.kv_len - self.q_len
+
+    @property
+    def kv_padded(self) -> bool:
+        return self.kv_len % self.block_k != 0
+
+
+def blocks(q_len: int, kv_len: int, dtype) -> tuple[int, int]:
+    """(block_q, block_k): 128 x 128 tiles, smaller query blocks for short sequences."""
+    return tt.fit(q_len, 128, tt.sublanes(dtype)), tt.fit(kv_len, 128, tt.LANES)
+
+
+def _div(a, b: int):
+    """a // b for traced int32 a >= 0 and a static b. Truncating division: Mosaic's floor
+    division asks the TPU generation, which a host lowering for export does not have."""
+    return lax.div(a, jnp.int32(b))
+
+
+def _last_key_block(plan: _Plan, i):
+    """The last key block query block i sees under the causal mask (-1: none)."""
+    last_row = i * plan.block_q + plan.block_q - 1 + plan.offset
+    return _div(jnp.maximum(last_row + plan.block_k, 0), plan.block_k) - 1
+
+
+def _needed(plan: _Plan, i, j):
+    return j <= _last_key_block(plan, i) if plan.causal else True
+
+
+def _kv_index(plan: _Plan, i, j):
+    """Key block to fetch: j, or under causal masking the last needed one for skipped blocks."""
+    if not plan.causal:
+        return j
+    return jnp.maximum(jnp.minimum(j, _last_key_block(plan, i)), 0)
+
+
+def _extra_spec(layout, plan: _Plan, index):
+    """BlockSpec of a 4-D mask or bias; `index(*grid) -> (b, h, i, j)`."""
+    sq = compat.squeezed
+    shape = (sq, sq, plan.block_q if layout[2] else 1, plan.block_k if layout[3] else 1)
+
+    def index_map(*grid):
+        b, h, i, j = index(*grid)
+        return tuple(x if full else 0 for x, full in zip((b, h, i, j), layout))
+
+    return pl.BlockSpec(shape, index_map)
+
+
+def _logits(plan: _Plan, q, k, mask_ref, bias_ref, i, j):
+    """Scaled logits of the (i, j) tile with bias added and every mask applied (-inf)."""
+    s = lax.dot_general(q, k, _NT, preferred_element_type=_F32) * plan.scale
+    if bias_ref is not None:
+        s = s + bias_ref[...].astype(_F32)
+    shape = s.shape
+    keep = None if mask_ref is None else jnp.broadcast_to(mask_ref[...] != 0, shape)
+    if plan.causal or plan.kv_padded:
+        cols = j * plan.block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
+        cond = cols < plan.kv_len
+        if plan.causal:
+            rows = i * plan.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
+            cond = cond & (cols <= rows + plan.offset)
+        keep = cond if keep is None else keep & cond
+    return s if keep is None else jnp.where(keep, s, -jnp.inf)
+
+
+def _split(refs, plan: _Plan):
+    q_ref, k_ref, v_ref, *rest = refs
+    mask_ref = rest.pop(0) if plan.mask is not None else None
+    bias_ref = rest.pop(0) if plan.bias is not None else None
+    return q_ref, k_ref, v_ref, mask_ref, bias_ref, rest
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward kernel
+
+
+def _fwd_kernel(*refs, plan: _Plan):
+    q_ref, k_ref, v_ref, mask_ref, bias_ref, rest = _split(refs, plan)
+    o_ref, m_out, inv_l_out, m_ref, l_ref, acc_ref = rest
+    i, j = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+        l_ref[...] = jnp.zeros_like(l_ref)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(_needed(plan, i, j))
+    def _():
+        s = _logits(plan, q_ref[...], k_ref[...], mask_ref, bias_ref, i, j)
+        m_old = m_ref[...]
+        m_new = jnp.maximum(m_old, jnp.max(s, axis=1, keepdims=True))
+        shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - shift)
+        alpha = jnp.exp(m_old - shift)
+        l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+        v = v_ref[...]
+        acc_ref[...] = acc_ref[...] * alpha + lax.dot_general(
+            p.astype(v.dtype), v, _NN, preferred_element_type=_F32)
+        m_ref[...] = m_new
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        l = l_ref[...]
+        empty = l == 0.0
+        l_safe = jnp.where(empty, 1.0, l)
+        o_ref[...] = (acc_ref[...] / l_safe).astype(o_ref.dtype)
+        # +inf for rows without keys: the backward's exp(s - m) is then 0 for every s.
+        m_out[...] = jnp.where(empty, jnp.inf, m_ref[...])
+        inv_l_out[...] = 1.0 / l_safe
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward wrapper
+
+
+def _forward(q, k, v, mask, bias, plan: _Plan):
+    """(batch, heads, q_pad, d) q etc. -> (out, (row max, 1 / row sum) [b, h, q_pad, 1])."""
+    B, H, q_pad, d = q.shape
+    kv_pad = k.shape[2]
+    bq, bk, g = plan.block_q, plan.block_k, plan.group
+    sq = compat.squeezed
+    q_spec = pl.BlockSpec((sq, sq, bq, d), lambda b, h, i, j: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((sq, sq, bk, d),
+                           lambda b, h, i, j: (b, _div(h, g), _kv_index(plan, i, j), 0))
+    stat_spec = pl.BlockSpec((sq, sq, bq, 1), lambda b, h, i, j: (b, h, i, 0))
+    extras = [(a, lay) for a, lay in ((mask, plan.mask), (bias, plan.bias)) if lay is not None]
+    vmem = tt.check_vmem("attention forward", tt.block_bytes(
+        ((bq, d), q.dtype), ((bk, d), q.dtype), ((bk, d), q.dtype), ((bq, d), q.dtype),
+        *(((bq, bk), a.dtype) for a, _ in extras), ((bq, 2), _F32))
+        + tt.scratch_bytes(((bq, d + 2), _F32)) + 3 * bq * bk * 4)
+    stat_shape = jax.ShapeDtypeStruct((B, H, q_pad, 1), _F32)
+    out, m, inv_l = pl.pallas_call(
+        functools.partial(_fwd_kernel, plan=plan),
+        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape, stat_shape),
+        grid=(B, H, q_pad // bq, kv_pad // bk),
+        in_specs=[q_spec, kv_spec, kv_spec,
+                  *(_extra_spec(lay, plan, lambda b, h, i, j: (b, h, i, j)) for _, lay in extras)],
+        out_specs=(q_spec, stat_spec, stat_spec),
+        scratch_shapes=[compat.tpu_vmem((bq, 1), _F32), compat.tpu_vmem((bq, 1), _F32),
+                        compat.tpu_vmem((bq, d), _F32)],
+        name="attention_fwd",
+        **tt.launch(("parallel", "parallel", "parallel", "arbitrary"), plan.interpret, vmem),
+    )(q, k, v, *(a for a, _ in extras))
+    return out, (m, inv_l)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward kernels
+
+
+def _grads_of_tile(plan: _Plan, q, k, v, do, m, inv_l, delta, mask_ref, bias_ref, i, j):
+    """(p, ds) of one tile: probabilities and the logits' gradient (before the scale)."""
+    s = _logits(plan, q, k, mask_ref, bias_ref, i, j)
+    p = jnp.exp(s - m) * inv_l
+    dp = lax.dot_general(do, v, _NT, preferred_element_type=_F32)
+    return p, p * (dp - delta)
+
+
+def _dq_kernel(*refs, plan: _Plan):
+    q_ref, k_ref, v_ref, mask_ref, bias_ref, rest = _split(refs, plan)
+    do_ref, m_ref, inv_l_ref, delta_ref, dq_ref, *rest = rest
+    ds_ref = rest.pop(0) if plan.bias is not None else None
+    (acc_ref,) = rest
+    i, j = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(_needed(plan, i, j))
+    def _():
+        k = k_ref[...]
+        _, ds = _grads_of_tile(plan, q_ref[...], k, v_ref[...], do_ref[...], m_ref[...],
+                               inv_l_ref[...], delta_ref[...], mask_ref, bias_ref, i, j)
+        acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=_F32)
+        if ds_ref is not None:
+            ds_ref[...] = ds
+
+    if ds_ref is not None and plan.causal:
+        @pl.when(jnp.logical_not(_needed(plan, i, j)))
+        def _():
+            ds_ref[...] = jnp.zeros_like(ds_ref)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        dq_ref[...] = (acc_ref[...] * plan.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, plan: _Plan, n_q: int):
+    q_ref, k_ref, v_ref, mask_ref, bias_ref, rest = _split(refs, plan)
+    do_ref, m_ref, inv_l_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc = rest
+    j, t = pl.program_id(2), pl.program_id(3)
+    i = lax.rem(t, jnp.int32(n_q))
+
+    @pl.when(t == 0)
+    def _():
+        dk_acc[...] = jnp.zeros_like(dk_acc)
+        dv_acc[...] = jnp.zeros_like(dv_acc)
+
+    @pl.when(_needed(plan, i, j))
+    def _():
+        q, do = q_ref[...], do_ref[...]
+        p, ds = _grads_of_tile(plan, q, k_ref[...], v_ref[...], do, m_ref[...], inv_l_ref[...],
+                               delta_ref[...], mask_ref, bias_ref, i, j)
+        dv_acc[...] += lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=_F32)
+        dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=_F32)
+
+    @pl.when(t == pl.num_programs(3) - 1)
+    def _():
+        dk_ref[...] = (dk_acc[...] * plan.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward wrapper
+
+
+def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
+    B, H, q_pad, d = q.shape
+    Hkv, kv_pad = k.shape[1], k.shape[2]
+    bq, bk, g = plan.block_q, plan.block_k, plan.group
+    nq, nk = q_pad // bq, kv_pad // bk
+    sq = compat.squeezed
+    delta = jnp.sum(out.astype(_F32) * do.astype(_F32), axis=-1, keepdims=True)
+    extras = [(a, lay) for a, lay in ((mask, plan.mask), (bias, plan.bias)) if lay is not None]
+    vmem = tt.check_vmem("attention backward", tt.block_bytes(
+        ((bq, d), q.dtype), ((bk, d), q.dtype), ((bk, d), q.dtype), ((bq, d), q.dtype),
+        ((bq, d), q.dtype), ((bk, d), q.dtype), ((bk, d), q.dtype), ((bq, bk), _F32),
+        *(((bq, bk), a.dtype) for a, _ in extras), ((bq, 3), _F32))
+        + tt.scratch_bytes(((2 * bk + bq, d), _F32)) + 4 * bq * bk * 4)
+    params = ("parallel", "parallel", "parallel", "arbitrary")
+    operands = (q, k, v, *(a for a, _ in extras), do, *stats, delta)
+
+    # dQ (and dS for the bias gradient): grid over (batch, head, query block, key block).
+    q_spec = pl.BlockSpec((sq, sq, bq, d), lambda b, h, i, j: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((sq, sq, bk, d),
+                           lambda b, h, i, j: (b, _div(h, g), _kv_index(plan, i, j), 0))
+    stat_spec = pl.BlockSpec((sq, sq, bq, 1), lambda b, h, i, j: (b, h, i, 0))
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    out_specs = [q_spec]
+    if bias is not None:
+        out_shape.append(jax.ShapeDtypeStruct((B, H, q_pad, kv_pad), _F32))
+        out_specs.append(pl.BlockSpec((sq, sq, bq, bk), lambda b, h, i, j: (b, h, i, j)))
+    dq, *ds = pl.pallas_call(
+        functools.partial(_dq_kernel, plan=plan),
+        out_shape=out_shape,
+        grid=(B, H, nq, nk),
+        in_specs=[q_spec, kv_spec, kv_spec,
+                  *(_extra_spec(lay, plan, lambda b, h, i, j: (b, h, i, j)) for _, lay in extras),
+                  q_spec, stat_spec, stat_spec, stat_spec],
+        out_specs=out_specs,
+        scratch_shapes=[compat.tpu_vmem((bq, d), _F32)],
+        name="attention_bwd_dq",
+        **tt.launch(params, plan.interpret, vmem),
+    )(*operands)
+
+    # dK, dV: grid over (batch, kv head, key block, (group head, query block)).
+    def rows(b, h, j, t):
+        return b, h * g + _div(t, nq), lax.rem(t, jnp.int32(nq))
+
+    def q_index(b, h, j, t):
+        b, hq, i = rows(b, h, j, t)
+        return b, hq, i, 0
+
+    q_spec_t = pl.BlockSpec((sq, sq, bq, d), q_index)
+    stat_spec_t = pl.BlockSpec((sq, sq, bq, 1), q_index)
+    key_spec = pl.BlockSpec((sq, sq, bk, d), lambda b, h, j, t: (b, h, j, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, plan=plan, n_q=nq),
+        out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        grid=(B, Hkv, nk, g * nq),
+        in_specs=[q_spec_t, key_spec, key_spec,
+                  *(_extra_spec(lay, plan, lambda b, h, j, t: (*rows(b, h, j, t), j))
+                    for _, lay in extras),
+                  q_spec_t, stat_spec_t, stat_spec_t, stat_spec_t],
+        out_specs=(key_spec, key_spec),
+        scratch_shapes=[compat.tpu_vmem((bk, d), _F32), compat.tpu_vmem((bk, d), _F32)],
+        name="attention_bwd_dkv",
+        **tt.launch(params, plan.interpret, vmem),
+    )(*operands)
+
+    dbias = None
+    if bias is not None:
+        axes = tuple(a for a, full in enumerate(plan.bias) if not full)
+        dbias = jnp.sum(ds[0], axis=axes, keepdims=True)
+        dbias = dbias[:, :, :bias.shape[2], :bias.shape[3]].astype(bias.dtype)
+    return dq, dk, dv, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# custom_vjp wiring
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, bias, mask, plan):
+    return _forward(q, k, v, mask, bias, plan)[0]
+
+
+def _flash_fwd(q, k, v, bias, mask, plan):
+    out, stats = _forward(q, k, v, mask, bias, plan)
+    return out, (q, k, v, bias, mask, out, stats)
+
+
+def _flash_bwd(plan, residuals, do):
+    q, k, v, bias, mask, out, stats = residuals
+    dq, dk, dv, dbias = _backward(q, k, v, mask, bias, out, stats, do.astype(q.dtype), plan)
+    return dq, dk, dv, dbias, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_extra(x, q_pad, kv_pad, dtype):
+    """A (b, h, q|1, kv|1) mask or bias padded like the sequences (zeros: masked / no bias)."""
+    x = x.astype(dtype)
+    if x.shape[2] != 1:
+        x = tt.pad_axis(x, 2, q_pad)
+    return tt.pad_axis(x, 3, kv_pad) if x.shape[3] != 1 else x
+
+
+def _flash_attention(q, k, v, mask, bias, *, causal, scale, interpret):
+    B, q_len, H, d = q.shape
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    bq, bk = blocks(q_len, kv_len, q.dtype)
+    q_pad, kv_pad = tt.round_up(q_len, bq), tt.round_up(kv_len, bk)
+    qt = tt.pad_axis(q.transpose(0, 2, 1, 3), 2, q_pad)
+    kt = tt.pad_axis(k.transpose(0, 2, 1, 3), 2, kv_pad)
+    vt = tt.pad_axis(v.transpose(0, 2, 1, 3), 2, kv_pad)
+    layout = lambda x: None if x is None else tuple(n != 1 for n in x.shape)
+    plan = _Plan(group=H // Hkv, q_len=q_len, kv_len=kv_len, block_q=bq, block_k=bk, head_dim=d,
+                 scale=scale, causal=causal, mask=layout(mask), bias=layout(bias),
+                 interpret=interpret)
+    # int32 masks: boolean and int8 blocks would need (32, 128) tiles.
+    mask = None if mask is None else _pad_extra(mask, q_pad, kv_pad, jnp.int32)
+    if bias is not None:
+        bias = _pad_extra(bias, q_pad, kv_pad, jnp.promote_types(bias.dtype, _F32))
+    out = _flash(qt, kt, vt, bias, mask, plan)
+    return out[:, :, :q_len].transpose(0, 2, 1, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The implementation
+
+
+def attention_mosaic_tpu(q, k, v, *, causal=False, mask=None, bias=None, scale=None):
+    """The TPU flash-attention implementation (same arguments as `attention`)."""
+    q, k, v, mask, bias, scale = canonicalize(q, k, v, mask, bias, scale)
+    if q.size == 0 or k.shape[1] == 0:  # no output to write, or no keys: rows without keys are 0
+        return jnp.zeros(q.shape, q.dtype)
+    if q.dtype not in _KERNEL_DTYPES:
+        raise NotImplementedError(f"dtype {q.dtype} is not supported (float32, bfloat16, float16)")
+    return _flash_attention(q, k, v, mask, bias, causal=bool(causal), scale=scale,
+                            interpret=current().interpret)

@@ -1,0 +1,238 @@
+"""linear_cross_entropy in Pallas for TPUs (Mosaic): the kernels, their wrappers, the custom_vjp
+wiring and the TPU "pallas" implementation. The logits x @ w never exist outside VMEM.
+
+Forward: grid (token blocks, vocabulary blocks), the vocabulary a reduction: each step computes
+a [block_tokens, block_vocab] logit tile on the MXU and folds it into a running log-sum-exp and
+label logit in VMEM scratch; only the per-token log-sum-exp is saved. Backward, two kernels that
+recompute the logit tiles: dx (grid tokens x vocabulary, the vocabulary a reduction into a
+[block_tokens, d] accumulator) and dw (grid vocabulary x tokens, the tokens a reduction into a
+[d, block_vocab] accumulator). Blocks hold the whole feature axis d. Tokens and the vocabulary are
+padded to whole blocks: padded vocabulary columns are masked to -inf, padded tokens get a zero
+cotangent.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _tpu_tiles as tt
+from pallas_kernels._target import current
+from pallas_kernels.linear_cross_entropy.common import linear_loss_dtype
+from pallas_kernels.softmax_cross_entropy.common import normalize_labels
+from pallas_kernels.softmax_cross_entropy.mosaic_tpu import column_ids, finish, online_step
+
+_F32 = jnp.float32
+_NN = (((1,), (0,)), ((), ()))
+_NT = (((1,), (1,)), ((), ()))
+_TN = (((0,), (0,)), ((), ()))
+
+
+def _vmem(bt: int, bv: int, d: int, dtype) -> int:
+    """The largest of the three kernels' VMEM use for these blocks."""
+    return (tt.block_bytes(((bt, d), dtype), ((d, bv), dtype), ((bt, bv), dtype))
+            + tt.scratch_bytes(((max(bt, bv), d), _F32)) + 4 * bt * bv * 4)
+
+
+def blocks(n_tokens: int, d: int, vocab: int, dtype) -> tuple[int, int]:
+    """(block_tokens, block_vocab): as large as 256 x 512, halved until VMEM_BUDGET holds."""
+    granule = tt.sublanes(dtype)
+    bt, bv = tt.fit(n_tokens, 256, granule), tt.fit(vocab, 512, tt.LANES)
+    while _vmem(bt, bv, d, dtype) > tt.VMEM_BUDGET and (bt > granule or bv > tt.LANES):
+        if bv >= bt and bv > tt.LANES:
+            bv //= 2
+        else:
+            bt = max(granule, bt // 2 // granule * granule)
+    tt.check_vmem("linear_cross_entropy", _vmem(bt, bv, d, dtype))
+    return bt, bv
+
+
+def _logits(x, w, layout):
+    return lax.dot_general(x, w, _NN if layout == "dv" else _NT, preferred_element_type=_F32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernel
+
+def _forward_kernel(x_ref, w_ref, labels_ref, loss_ref, lse_ref, m_ref, l_ref, picked_ref, *,
+                    layout, vocab):
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _():
+        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+        l_ref[...] = jnp.zeros_like(l_ref)
+        picked_ref[...] = jnp.zeros_like(picked_ref)
+
+    t = _logits(x_ref[...], w_ref[...], layout)
+    cols = column_ids(t.shape, t.shape[1])
+    t = jnp.where(cols < vocab, t, -jnp.inf)
+    online_step(m_ref, l_ref, t)
+    labels = labels_ref[...]
+    picked_ref[...] += jnp.sum(jnp.where(cols == labels, t, 0.0), axis=1, keepdims=True)
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _():
+        lse = finish(m_ref, l_ref)
+        valid = (labels >= 0) & (labels < vocab)
+        loss_ref[...] = jnp.where(valid, lse - picked_ref[...], jnp.nan).astype(loss_ref.dtype)
+        lse_ref[...] = lse
+
+
+def _w_spec(layout, bv, d, vocab_axis_of_grid):
+    if layout == "dv":
+        return pl.BlockSpec((d, bv), lambda *g: (0, g[vocab_axis_of_grid]))
+    return pl.BlockSpec((bv, d), lambda *g: (g[vocab_axis_of_grid], 0))
+
+
+# Forward wrapper
+
+def forward(x, w, labels, *, layout, vocab, interpret):
+    """Padded x [tokens, d], w, labels [tokens, 1] -> (loss [tokens, 1], lse [tokens, 1])."""
+    n_tokens, d = x.shape
+    bt, bv = blocks(n_tokens, d, vocab, x.dtype)
+    v_pad = w.shape[1] if layout == "dv" else w.shape[0]
+    row = pl.BlockSpec((bt, 1), lambda i, j: (i, 0))
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, layout=layout, vocab=vocab),
+        out_shape=(jax.ShapeDtypeStruct((n_tokens, 1), linear_loss_dtype(x, w)),
+                   jax.ShapeDtypeStruct((n_tokens, 1), _F32)),
+        grid=(n_tokens // bt, v_pad // bv),
+        in_specs=[pl.BlockSpec((bt, d), lambda i, j: (i, 0)), _w_spec(layout, bv, d, 1), row],
+        out_specs=(row, row),
+        scratch_shapes=[tt.compat.tpu_vmem((bt, 1), _F32) for _ in range(3)],
+        name="linear_cross_entropy_fwd",
+        **tt.launch(("parallel", "arbitrary"), interpret, _vmem(bt, bv, d, x.dtype)),
+    )(x, w, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernels
+
+def _dlogits(x, w, labels, lse, dloss, layout, vocab, vocab_block):
+    """(softmax - onehot) * dloss for one logit tile, zero in padded columns (x's dtype)."""
+    t = _logits(x, w, layout)
+    cols = vocab_block * t.shape[1] + lax.broadcasted_iota(jnp.int32, t.shape, 1)
+    p = jnp.where(cols < vocab, jnp.exp(t - lse), 0.0)
+    return ((p - jnp.where(cols == labels, 1.0, 0.0)) * dloss).astype(x.dtype)
+
+
+def _dx_kernel(x_ref, w_ref, labels_ref, lse_ref, dloss_ref, dx_ref, acc_ref, *, layout, vocab):
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    w = w_ref[...]
+    dl = _dlogits(x_ref[...], w, labels_ref[...], lse_ref[...], dloss_ref[...], layout, vocab, j)
+    acc_ref[...] += lax.dot_general(dl, w, _NT if layout == "dv" else _NN,
+                                    preferred_element_type=_F32)
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _():
+        dx_ref[...] = acc_ref[...].astype(dx_ref.dtype)
+
+
+def _dw_kernel(x_ref, w_ref, labels_ref, lse_ref, dloss_ref, dw_ref, acc_ref, *, layout, vocab):
+    i = pl.program_id(1)  # the token block: this kernel's reduction
+
+    @pl.when(i == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    x = x_ref[...]
+    dl = _dlogits(x, w_ref[...], labels_ref[...], lse_ref[...], dloss_ref[...], layout, vocab,
+                  pl.program_id(0))
+    acc_ref[...] += (lax.dot_general(x, dl, _TN, preferred_element_type=_F32) if layout == "dv"
+                     else lax.dot_general(dl, x, _TN, preferred_element_type=_F32))
+
+    @pl.when(i == pl.num_programs(1) - 1)
+    def _():
+        dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
+
+
+# Backward wrapper
+
+def backward(x, w, labels, lse, dloss, *, layout, vocab, interpret):
+    n_tokens, d = x.shape
+    bt, bv = blocks(n_tokens, d, vocab, x.dtype)
+    v_pad = w.shape[1] if layout == "dv" else w.shape[0]
+    nt, nv = n_tokens // bt, v_pad // bv
+    vmem = _vmem(bt, bv, d, x.dtype)
+    kwargs = dict(layout=layout, vocab=vocab)
+    operands = (x, w, labels, lse, dloss.astype(_F32))
+    row = pl.BlockSpec((bt, 1), lambda i, j: (i, 0))
+    dx = pl.pallas_call(
+        functools.partial(_dx_kernel, **kwargs),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        grid=(nt, nv),
+        in_specs=[pl.BlockSpec((bt, d), lambda i, j: (i, 0)), _w_spec(layout, bv, d, 1),
+                  row, row, row],
+        out_specs=pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
+        scratch_shapes=[tt.compat.tpu_vmem((bt, d), _F32)],
+        name="linear_cross_entropy_bwd_dx",
+        **tt.launch(("parallel", "arbitrary"), interpret, vmem),
+    )(*operands)
+    token_row = pl.BlockSpec((bt, 1), lambda j, i: (i, 0))
+    w_block = (d, bv) if layout == "dv" else (bv, d)
+    dw = pl.pallas_call(
+        functools.partial(_dw_kernel, **kwargs),
+        out_shape=jax.ShapeDtypeStruct(w.shape, w.dtype),
+        grid=(nv, nt),
+        in_specs=[pl.BlockSpec((bt, d), lambda j, i: (i, 0)), _w_spec(layout, bv, d, 0),
+                  token_row, token_row, token_row],
+        out_specs=_w_spec(layout, bv, d, 0),
+        scratch_shapes=[tt.compat.tpu_vmem(w_block, _F32)],
+        name="linear_cross_entropy_bwd_dw",
+        **tt.launch(("parallel", "arbitrary"), interpret, vmem),
+    )(*operands)
+    return dx, dw
+
+
+# ----------------------------------------------------------------------------------------------
+# custom_vjp wiring
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _linear_ce(x, w, labels, layout, vocab, interpret):
+    return forward(x, w, labels, layout=layout, vocab=vocab, interpret=interpret)[0]
+
+
+def _linear_ce_fwd(x, w, labels, layout, vocab, interpret):
+    loss, lse = forward(x, w, labels, layout=layout, vocab=vocab, interpret=interpret)
+    return loss, (x, w, labels, lse)
+
+
+def _linear_ce_bwd(layout, vocab, interpret, residuals, dloss):
+    x, w, labels, lse = residuals
+    dx, dw = backward(x, w, labels, lse, dloss, layout=layout, vocab=vocab, interpret=interpret)
+    return dx, dw, None
+
+
+_linear_ce.defvjp(_linear_ce_fwd, _linear_ce_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The implementation
+
+def linear_cross_entropy_mosaic_tpu(x, w, labels, *, w_layout: str = "dv"):
+    """linear_cross_entropy through the TPU kernels (same arguments)."""
+    d = x.shape[-1]
+    vocab = w.shape[1] if w_layout == "dv" else w.shape[0]
+    if labels.size == 0:
+        return jnp.zeros(labels.shape, linear_loss_dtype(x, w))
+    if d == 0 or vocab == 0:
+        raise NotImplementedError(f"zero-size logits' factors (d = {d}, vocab = {vocab}): the "
+                                  f"kernels tile neither")
+    dtype = jnp.result_type(x, w)
+    n_tokens = labels.size
+    bt, bv = blocks(n_tokens, d, vocab, dtype)
+    t_pad = tt.round_up(n_tokens, bt)
+    x2d = tt.pad_axis(x.reshape(n_tokens, d).astype(dtype), 0, t_pad)
+    w = tt.pad_axis(w.astype(dtype), 1 if w_layout == "dv" else 0, tt.round_up(vocab, bv))
+    labels2d = tt.pad_axis(normalize_labels(labels.reshape(-1), vocab), 0, t_pad).reshape(-1, 1)
+    loss = _linear_ce(x2d, w, labels2d, w_layout, vocab, current().interpret)
+    return loss[:n_tokens, 0].reshape(labels.shape)

@@ -1,0 +1,170 @@
+"""softmax_cross_entropy in Pallas for TPUs (Mosaic): the kernels, their wrappers, the custom_vjp
+wiring and the TPU "pallas" implementation.
+
+Forward: grid (row blocks, vocabulary blocks), the vocabulary axis a reduction; a running max,
+sum and label logit per row live in VMEM scratch (float32) and the last vocabulary block writes
+the loss and the log-sum-exp. Backward: every (row block, vocabulary block) writes
+(softmax - onehot) * dloss independently. Rows and the vocabulary are padded to whole blocks;
+padded columns are masked to -inf, padded rows sliced off.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _tpu_tiles as tt
+from pallas_kernels._target import current
+from pallas_kernels._tiles import stable_shift
+from pallas_kernels.softmax_cross_entropy.common import normalize_labels
+
+_F32 = jnp.float32
+
+
+def blocks(n_rows: int, vocab: int, dtype) -> tuple[int, int]:
+    """(block_rows, block_vocab): up to 128 x 2048 logits per block."""
+    return tt.fit(n_rows, 128, tt.sublanes(dtype)), tt.fit(vocab, 2048, tt.LANES)
+
+
+def online_step(m_ref, l_ref, t):
+    """Fold a [rows, cols] float32 tile into the running max and sum held in VMEM scratch."""
+    m_old = m_ref[...]
+    m_new = jnp.maximum(m_old, jnp.max(t, axis=1, keepdims=True))
+    shift = stable_shift(m_new)
+    l_ref[...] = l_ref[...] * jnp.exp(m_old - shift) + jnp.sum(jnp.exp(t - shift), axis=1,
+                                                                keepdims=True)
+    m_ref[...] = m_new
+
+
+def finish(m_ref, l_ref):
+    """The log-sum-exp of the running (max, sum); -inf for a row of -inf."""
+    return stable_shift(m_ref[...]) + jnp.log(l_ref[...])
+
+
+def column_ids(shape, block: int, axis: int = 1):
+    return pl.program_id(axis) * block + lax.broadcasted_iota(jnp.int32, shape, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernel
+
+def _forward_kernel(logits_ref, labels_ref, loss_ref, lse_ref, m_ref, l_ref, picked_ref, *,
+                    vocab: int):
+    br, bv = logits_ref.shape
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _():
+        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+        l_ref[...] = jnp.zeros_like(l_ref)
+        picked_ref[...] = jnp.zeros_like(picked_ref)
+
+    cols = column_ids((br, bv), bv)
+    t = jnp.where(cols < vocab, logits_ref[...].astype(_F32), -jnp.inf)
+    online_step(m_ref, l_ref, t)
+    labels = labels_ref[...]
+    picked_ref[...] += jnp.sum(jnp.where(cols == labels, t, 0.0), axis=1, keepdims=True)
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _():
+        lse = finish(m_ref, l_ref)
+        valid = (labels >= 0) & (labels < vocab)
+        loss_ref[...] = jnp.where(valid, lse - picked_ref[...], jnp.nan).astype(loss_ref.dtype)
+        lse_ref[...] = lse
+
+
+# Forward wrapper
+
+def forward(logits, labels, *, vocab: int, interpret: bool):
+    """Padded logits [rows, vocab_pad], labels [rows, 1] -> (loss [rows, 1], lse [rows, 1])."""
+    n_rows, v_pad = logits.shape
+    br, bv = blocks(n_rows, vocab, logits.dtype)
+    row = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
+    vmem = tt.check_vmem("softmax_cross_entropy forward", tt.block_bytes(
+        ((br, bv), logits.dtype), ((br, 1), jnp.int32), ((br, 2), _F32)) + 3 * br * 4)
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, vocab=vocab),
+        out_shape=(jax.ShapeDtypeStruct((n_rows, 1), logits.dtype),
+                   jax.ShapeDtypeStruct((n_rows, 1), _F32)),
+        grid=(n_rows // br, v_pad // bv),
+        in_specs=[pl.BlockSpec((br, bv), lambda i, j: (i, j)), row],
+        out_specs=(row, row),
+        scratch_shapes=[tt.compat.tpu_vmem((br, 1), _F32) for _ in range(3)],
+        name="softmax_cross_entropy_fwd",
+        **tt.launch(("parallel", "arbitrary"), interpret, vmem),
+    )(logits, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernel
+
+def _backward_kernel(logits_ref, labels_ref, lse_ref, dloss_ref, dlogits_ref):
+    br, bv = logits_ref.shape
+    cols = column_ids((br, bv), bv)
+    p = jnp.exp(logits_ref[...].astype(_F32) - lse_ref[...])
+    onehot = jnp.where(cols == labels_ref[...], 1.0, 0.0)
+    dlogits_ref[...] = ((p - onehot) * dloss_ref[...]).astype(dlogits_ref.dtype)
+
+
+# Backward wrapper
+
+def backward(logits, labels, lse, dloss, *, vocab: int, interpret: bool):
+    n_rows, v_pad = logits.shape
+    br, bv = blocks(n_rows, vocab, logits.dtype)
+    row = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
+    tile = pl.BlockSpec((br, bv), lambda i, j: (i, j))
+    vmem = tt.check_vmem("softmax_cross_entropy backward", tt.block_bytes(
+        ((br, bv), logits.dtype), ((br, bv), logits.dtype), ((br, 3), _F32)))
+    return pl.pallas_call(
+        _backward_kernel,
+        out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+        grid=(n_rows // br, v_pad // bv),
+        in_specs=[tile, row, row, row],
+        out_specs=tile,
+        name="softmax_cross_entropy_bwd",
+        **tt.launch(("parallel", "parallel"), interpret, vmem),
+    )(logits, labels, lse, dloss.astype(_F32))
+
+
+# ----------------------------------------------------------------------------------------------
+# custom_vjp wiring
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _softmax_ce(logits, labels, vocab, interpret):
+    return forward(logits, labels, vocab=vocab, interpret=interpret)[0]
+
+
+def _softmax_ce_fwd(logits, labels, vocab, interpret):
+    loss, lse = forward(logits, labels, vocab=vocab, interpret=interpret)
+    return loss, (logits, labels, lse)
+
+
+def _softmax_ce_bwd(vocab, interpret, residuals, dloss):
+    logits, labels, lse = residuals
+    return backward(logits, labels, lse, dloss, vocab=vocab, interpret=interpret), None
+
+
+_softmax_ce.defvjp(_softmax_ce_fwd, _softmax_ce_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The implementation
+
+def softmax_cross_entropy_mosaic_tpu(logits, labels):
+    """softmax_cross_entropy through the TPU kernels (same arguments)."""
+    vocab = logits.shape[-1]
+    if labels.size == 0:
+        return jnp.zeros(labels.shape, logits.dtype)
+    if vocab == 0:
+        raise NotImplementedError("an empty vocabulary (logits [..., 0]): the kernels tile none")
+    n_rows = labels.size
+    br, bv = blocks(n_rows, vocab, logits.dtype)
+    r_pad = tt.round_up(n_rows, br)
+    logits2d = tt.pad_axis(tt.pad_axis(logits.reshape(n_rows, vocab), 0, r_pad), 1,
+                           tt.round_up(vocab, bv))
+    labels2d = tt.pad_axis(normalize_labels(labels.reshape(-1), vocab), 0, r_pad).reshape(-1, 1)
+    loss = _softmax_ce(logits2d, labels2d, vocab, current().interpret)
+    return loss[:n_rows, 0].reshape(labels.shape)
