@@ -32,7 +32,7 @@ import optax
 import models
 import passes
 from experiments import config as config_lib
-from experiments import measure, output
+from experiments import measure, output, sharding
 from experiments.config import Case, RunConfig
 
 VARIANTS = ("baseline", "optimized")
@@ -368,6 +368,12 @@ def parser() -> argparse.ArgumentParser:
                         "values join pass names with '+'")
     p.add_argument("--out", help="results folder, new or empty (default results/<timestamp>)")
     p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of each case")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="instead: the train gradient on this mesh (e.g. data=4,model=2) under "
+                        "data, tensor and FSDP placements, per-device collective bytes, temp "
+                        "memory and step time of baseline and optimized (experiments/sharding.py)")
+    p.add_argument("--host-devices", type=int, metavar="N",
+                   help="simulate N CPU devices (set before JAX starts)")
     return p
 
 
@@ -375,7 +381,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The preset with every option that was given replacing its field."""
     preset = config_lib.PRESETS[args.preset]
     changes = {k: v for k, v in vars(args).items()
-               if v is not None and k not in ("list", "preset", "model", "sweep")}
+               if v is not None and k not in ("list", "preset", "model", "sweep", "mesh",
+                                                 "host_devices")}
     if args.model:
         changes["models"] = tuple(args.model)
     if args.sweep:
@@ -390,6 +397,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.list:
         print(list_text())
+        return 0
+    if args.host_devices:
+        sharding.simulate_host_devices(args.host_devices, argv)
+    if args.mesh:
+        models_ = tuple(args.model or config_lib.PRESETS[args.preset].models)
+        sharding.run_mesh(args.mesh, models_, args.implementation, batch=args.batch or 8)
         return 0
     try:
         config = config_from_args(args)

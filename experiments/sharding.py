@@ -114,3 +114,99 @@ def compiled_costs(compiled) -> dict:
     analysis = compiled.memory_analysis()
     return {"collective_bytes": collective_bytes(compiled.as_text()),
             "temp_memory_bytes": None if analysis is None else int(analysis.temp_size_in_bytes)}
+
+
+# -- baseline against optimized on a mesh ----------------------------------------------------------
+
+def _step(loss_fn, param_shardings, batch_shardings):
+    """The train gradient under jit, parameters' gradients placed like the parameters."""
+    return jax.jit(jax.value_and_grad(loss_fn), in_shardings=(param_shardings, batch_shardings),
+                   out_shardings=(None, param_shardings))
+
+
+def compare(model: str, kind: str, mesh: Mesh, *, implementation=None, batch: int = 8,
+            steps: int = 3) -> dict:
+    """Compiled costs, step time and results of the original and the optimized train gradient.
+
+    Returns {"baseline": {...}, "optimized": {...}, "loss": (l0, l1), "grads": (g0, g1)}; each
+    variant's record holds collective_bytes, temp_memory_bytes (per device) and step_time_s.
+    """
+    import time
+
+    import models
+    import passes
+
+    spec = models.get(model)
+    params = spec.init(jax.random.key(0))
+    data = spec.batch(jax.random.key(1), batch)
+    ps, bs = placement_shardings(kind, mesh, params, data)
+    params, data = jax.device_put(params, ps), jax.device_put(data, bs)
+    optimized = passes.optimize(spec.loss,
+                                passes.default_pipeline(implementation=implementation))
+    out = {}
+    for name, loss_fn in (("baseline", spec.loss), ("optimized", optimized)):
+        compiled = _step(loss_fn, ps, bs).lower(params, data).compile()
+        result = jax.block_until_ready(compiled(params, data))
+        start = time.perf_counter()
+        for _ in range(steps):
+            jax.block_until_ready(compiled(params, data))
+        record = compiled_costs(compiled)
+        record["step_time_s"] = (time.perf_counter() - start) / steps
+        record["output_shardings"] = compiled.output_shardings
+        out[name] = record
+        out.setdefault("results", []).append(result)
+    return out
+
+
+def mesh_table(models_: tuple[str, ...], mesh: Mesh, implementations=(None, "pallas"),
+               placements=PLACEMENTS, batch: int = 8, steps: int = 3) -> list[dict]:
+    """One row per model, implementation and placement: baseline and optimized costs."""
+    rows = []
+    for model in models_:
+        for impl in implementations:
+            for kind in placements:
+                r = compare(model, kind, mesh, implementation=impl, batch=batch, steps=steps)
+                row = {"model": model, "implementation": impl or "default", "placement": kind}
+                for variant in ("baseline", "optimized"):
+                    for key in ("collective_bytes", "temp_memory_bytes", "step_time_s"):
+                        row[f"{variant}_{key}"] = r[variant][key]
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    mb = lambda b: "n/a" if b is None else f"{b / 1e6:.2f}"  # noqa: E731
+    return (f"{row['model']:<12} {row['implementation']:<8} {row['placement']:<7} "
+            f"collectives {mb(row['baseline_collective_bytes'])} -> "
+            f"{mb(row['optimized_collective_bytes'])} MB   temp "
+            f"{mb(row['baseline_temp_memory_bytes'])} -> {mb(row['optimized_temp_memory_bytes'])} MB"
+            f"   step {row['baseline_step_time_s'] * 1e3:.1f} -> "
+            f"{row['optimized_step_time_s'] * 1e3:.1f} ms")
+
+
+def run_mesh(mesh_text: str, models_: tuple[str, ...], implementation=None, batch: int = 8,
+             steps: int = 3) -> list[dict]:
+    """`python -m experiments.run --mesh data=4,model=2`: every placement on that mesh."""
+    mesh = make_mesh(parse_mesh(mesh_text))
+    impls = (None, "pallas") if implementation is None else (implementation,)
+    print(f"mesh {dict(mesh.shape)}, per-device costs of the train gradient, baseline -> "
+          f"optimized", flush=True)
+    return mesh_table(models_, mesh, impls, batch=batch, steps=steps)
+
+
+def simulate_host_devices(n: int, argv) -> None:
+    """Simulate `n` CPU devices for `python -m experiments.run argv`: XLA reads the flag once,
+    when its backends start (importing the experiments already starts them), so the process
+    runs itself again with the flag set, unless it is set already."""
+    import os
+    import sys
+
+    flag = f"--xla_force_host_platform_device_count={n}"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag in flags.split():
+        return
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    env = dict(os.environ, XLA_FLAGS=f"{flags} {flag}".strip())
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "experiments.run", *argv], env)
