@@ -15,7 +15,7 @@ import passes
 from models import config as model_config
 
 MODES = ("train", "forward")
-IMPLEMENTATIONS = ("pallas", "cudnn", "xla")  # plus None: each kernel picks (DESIGN.md)
+IMPLEMENTATIONS = ("pallas", "cudnn", "xla")  # plus None: each kernel picks (docs/DESIGN.md)
 # Run-level settings a sweep may vary; any other key must be a field of the models' configs.
 RUN_SWEEP_KEYS = ("model", "batch", "seq", "dtype", "mode", "pipeline", "implementation")
 # Inside a swept pipeline value, pass names are joined with "+" (the comma separates values).
@@ -291,7 +291,7 @@ def parse_value(key: str, text: str):
 PRESETS: dict[str, RunConfig] = {
     # The default: both tiny language models, a train step each; < 2 minutes on a 2-core CPU.
     "default": RunConfig(),
-    # ANCHORS.md's GPT-2 small train step on one H100: B=8, T=1024, bf16 compute, AdamW.
+    # The reference GPT-2 small train step (docs/BENCHMARKS.md): B=8, T=1024, bf16, AdamW.
     "gpt2-small-h100": RunConfig(models=("gpt2-small",), batch=8, seq=1024, dtype="bfloat16",
                                  steps=10, repeats=5, warmup=3),
     # Every tiny model of the zoo, vision included.

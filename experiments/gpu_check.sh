@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything worth checking on a lent H100, in one call that fits a short device budget:
+# Everything worth checking on a GPU (an H100 or H200), in one call of a few minutes:
 # the kernels compiled for the GPU against their references, the kernel table (same-run XLA and
-# cuDNN baselines), and ANCHORS.md's GPT-2 small train step against its same-run XLA baseline.
+# cuDNN baselines), and the GPT-2 small train step of docs/BENCHMARKS.md against its same-run
+# XLA baseline. docs/BENCHMARKS.md says how to read and record what it prints.
 # Usage (from the repository root, on the GPU machine): OUT=/some/dir experiments/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."

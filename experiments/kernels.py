@@ -1,9 +1,9 @@
 """`python -m experiments.kernels`: every kernel op and implementation, timed in one process.
 
 For each op (attention, layer_norm, rms_norm, dense_act, gated_dense, softmax_cross_entropy,
-linear_cross_entropy) at the shapes of ANCHORS.md on a GPU, or at small shapes on a CPU (where
-Pallas runs in interpret mode, so its times there say nothing about GPU speed), and for each
-registered implementation, on random inputs:
+linear_cross_entropy) at the reference shapes of docs/BENCHMARKS.md on a GPU, or at small shapes
+on a CPU (where Pallas runs in interpret mode, so its times there say nothing about GPU speed),
+and for each registered implementation, on random inputs:
 
 - forward, and forward+backward (the output and the gradients of every float input for a random
   cotangent), each compiled once, warmed up, then the median of several timed trials;

@@ -4,7 +4,7 @@ For every configuration, in one process: the baseline is the model's train step 
 AdamW update) under `jax.jit`; the optimized variant is the same step differentiating
 `passes.optimize(spec.loss, pipeline)`. Both start from the same parameters and batch, compile
 before any clock is read, warm up, then run interleaved repetitions; results are blocked on
-before each clock reading. See docs_experiments.md for the options and the output's fields.
+before each clock reading. See experiments/README.md for the options and the output's fields.
 
 From Python::
 

@@ -8,6 +8,10 @@ from here instead of reaching into `jax.experimental.pallas` submodules themselv
 - `gpu_compiler_params(num_warps=, num_stages=, interpret=)`: Triton compiler parameters for
   `pallas_call` (`jax.experimental.pallas.triton.CompilerParams`, formerly
   `pl.TritonCompilerParams`), or None in interpret mode where they do not apply.
+- `gpu_lowering_target()` and `pretend_gpu_info()`: what lowering the Triton kernels for
+  "cuda" on a machine without a GPU needs (the tests check kernels that way).
+
+Private JAX (`jax._src`) is reached from here only (and, for the compiler, `passes/_compat.py`).
 """
 from __future__ import annotations
 
@@ -26,6 +30,36 @@ def gpu_compiler_params(*, num_warps: int, num_stages: int, interpret: bool):
     if interpret or _TritonCompilerParams is None:
         return None
     return _TritonCompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def pretend_gpu_info(version: str = "H100"):
+    """A context in which Pallas's Triton lowering, asking the (absent) GPU for its compute
+    capability as newer releases do, is answered with `version`'s ("H100", "A100", ...).
+
+    For lowering kernels for "cuda" on a CPU-only machine; a no-op on releases that do not ask.
+    """
+    import contextlib
+    import importlib
+
+    try:
+        registration = importlib.import_module("jax._src.pallas.triton.pallas_call_registration")
+    except ImportError:
+        return contextlib.nullcontext()
+    info = getattr(registration, "gpu_info_lib", None)
+    if info is None:
+        return contextlib.nullcontext()
+    answer = info.get_gpu_info_from_version(getattr(info.GpuVersion, version))
+
+    @contextlib.contextmanager
+    def answering():
+        saved = info.get_gpu_info
+        info.get_gpu_info = lambda: answer
+        try:
+            yield
+        finally:
+            info.get_gpu_info = saved
+
+    return answering()
 
 
 def gpu_lowering_target(device_kind: str = "NVIDIA H100 80GB HBM3"):

@@ -9,8 +9,6 @@ from jax._src.interpreters import ad as _ad
 from jax._src.interpreters import batching as _batching
 from jax.extend import core as xc
 
-JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3])
-
 Jaxpr = xc.Jaxpr
 ClosedJaxpr = xc.ClosedJaxpr
 JaxprEqn = xc.JaxprEqn

@@ -95,30 +95,6 @@ class Region:
         self._producers = self._users = self._by_primitive = None
         self.cache = {}
 
-    def topological_order(self) -> list[int]:
-        """A stable topological order of the equations (program order wherever it is valid)."""
-        import heapq
-
-        pending = {}
-        for i, eqn in enumerate(self.eqns):
-            pending[i] = sum(1 for v in eqn.invars
-                             if isinstance(v, C.Var) and self.producer(v) is not None)
-        ready = [i for i, n in pending.items() if n == 0]
-        heapq.heapify(ready)
-        order = []
-        while ready:
-            i = heapq.heappop(ready)
-            order.append(i)
-            for v in self.eqns[i].outvars:
-                for u in self.users(v):
-                    if u != OUTPUT:
-                        pending[u] -= 1
-                        if pending[u] == 0:
-                            heapq.heappush(ready, u)
-        if len(order) != len(self.eqns):
-            raise ValueError(f"region {self.path or '<top>'} has a cycle")
-        return order
-
     def rebuilt(self):
         """The enclosing jaxpr value with this region's equations."""
         return C.with_eqns(self.container, self.eqns, self.outvars)

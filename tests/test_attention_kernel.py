@@ -308,13 +308,12 @@ def test_pallas_jaxprs_do_the_work_in_kernels(implementation):
 
 
 @pytest.fixture
-def pretend_h100(monkeypatch):
+def pretend_h100():
     """Newer JAX asks the (absent) GPU for its compute capability while lowering; answer H100."""
-    registration = importlib.import_module("jax._src.pallas.triton.pallas_call_registration")
-    info = getattr(registration, "gpu_info_lib", None)
-    if info is not None:
-        h100 = info.get_gpu_info_from_version(info.GpuVersion.H100)
-        monkeypatch.setattr(info, "get_gpu_info", lambda: h100)
+    from pallas_kernels._pallas_compat import pretend_gpu_info
+
+    with pretend_gpu_info("H100"):
+        yield
 
 
 @pytest.mark.parametrize("case", [

@@ -202,7 +202,7 @@ class Masks:
         if constant:
             combined = self._role_space([(r, ~v if inv else v) for _, r, inv, v in constant])
             if not combined.all():
-                found = self._causal_role(combined, t_roles)
+                found = self._causal_role(combined)
                 if found is not None:
                     causal, query = True, found
                 else:
@@ -230,7 +230,7 @@ class Masks:
             out = out & _to_role_space(value, roles, order)
         return out
 
-    def _causal_role(self, combined, t_roles):
+    def _causal_role(self, combined):
         """The query role along which the constant mask is the causal triangle, if any."""
         order = self._order()
         squeezed = _constant_along(combined, order, keep=[r for r in order

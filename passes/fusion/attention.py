@@ -458,7 +458,6 @@ class _ChainState:
     """Walks the logits chain forward, tracking roles, scale, biases and masks."""
 
     def __init__(self, matcher, roles, sizes, dtype):
-        self.m = matcher
         self.region = matcher.region
         self.roles = list(roles)
         self.sizes = sizes
