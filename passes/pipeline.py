@@ -48,27 +48,35 @@ def _nested_jaxprs(eqn):
             yield from (v for v in value if C.is_jaxpr(v))
 
 
-def undefined_use(jaxpr) -> str | None:
+def undefined_use(jaxpr, checked: dict | None = None) -> str | None:
     """The first variable used before its definition, anywhere in `jaxpr`, or None.
 
     A cheap linear walk (unlike `check_jaxpr`, no type checking), run after every pass that
     changed the program, so a broken rewrite is caught and named rather than surfacing as a
     `KeyError` deep inside evaluation.
+
+    `checked` (id -> body) remembers bodies found well formed. Jaxprs are immutable, and a pass
+    hands back every body it left alone (and every copy of a replacement's body) as the same
+    object, so with one `checked` per pipeline run each body is walked once, not once per pass.
     """
     body = C.open_jaxpr(jaxpr)
+    if checked is not None and id(body) in checked:
+        return None
     defined = set(body.constvars) | set(body.invars)
     for eqn in body.eqns:
         for a in eqn.invars:
             if isinstance(a, C.Var) and a not in defined:
                 return f"{a} is used by `{eqn.primitive}` before it is defined"
         for sub in _nested_jaxprs(eqn):
-            problem = undefined_use(sub)
+            problem = undefined_use(sub, checked)
             if problem is not None:
                 return f"inside `{eqn.primitive}`: {problem}"
         defined.update(eqn.outvars)
     for a in body.outvars:
         if isinstance(a, C.Var) and a not in defined:
             return f"output {a} is never defined"
+    if checked is not None:
+        checked[id(body)] = body  # holding the body keeps its id unique
     return None
 
 
@@ -378,8 +386,8 @@ class Pipeline:
         self.dump_dir.mkdir(parents=True, exist_ok=True)
         (self.dump_dir / f"{tag}.txt").write_text(str(jaxpr))
 
-    def _after_change(self, p, jaxpr, step):
-        problem = undefined_use(jaxpr)
+    def _after_change(self, p, jaxpr, step, checked):
+        problem = undefined_use(jaxpr, checked)
         if problem is not None:
             raise MalformedProgramError(f"pass {p.name!r} produced an invalid program: {problem}")
         if self.check:
@@ -407,6 +415,7 @@ class Pipeline:
         active = [p for p in self.passes if p.name not in self.disable]
         step = 0
         last_run = {}  # pass name -> step count when it last ran
+        checked = {}  # bodies `undefined_use` found well formed in this run
         for _ in range(self.max_iterations):
             changed_by = []
             for p in active:
@@ -421,7 +430,7 @@ class Pipeline:
                         ctx.counts[p.name] = ctx.counts.get(p.name, 0) + n
                     changed_by.append(p.name)
                     step += 1
-                    self._after_change(p, jaxpr, step)
+                    self._after_change(p, jaxpr, step, checked)
             if not changed_by:
                 self._check_named_sites(ctx)
                 return jaxpr, ctx
