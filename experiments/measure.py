@@ -42,6 +42,14 @@ DEVICE_PEAKS: tuple[tuple[str, dict[str, Peak]], ...] = (
               "float32": Peak(67.0, "H200 fp32 (no tensor cores)")}),
     ("A100", {"bfloat16": Peak(312.0, "A100 bf16 dense"),
               "float32": Peak(19.5, "A100 fp32 (no tensor cores)")}),
+    # Cloud TPU bf16 peaks per chip. JAX reports v5e and v6e as "TPU v5 lite" and
+    # "TPU v6 lite", v5p as "TPU v5": the lite names come first.
+    ("TPU v5 lite", {"bfloat16": Peak(197.0, "TPU v5e bf16 per chip")}),
+    ("TPU v5e", {"bfloat16": Peak(197.0, "TPU v5e bf16 per chip")}),
+    ("TPU v6 lite", {"bfloat16": Peak(918.0, "TPU v6e (Trillium) bf16 per chip")}),
+    ("TPU v6e", {"bfloat16": Peak(918.0, "TPU v6e (Trillium) bf16 per chip")}),
+    ("TPU v5", {"bfloat16": Peak(459.0, "TPU v5p bf16 per chip")}),
+    ("TPU v4", {"bfloat16": Peak(275.0, "TPU v4 bf16 per chip")}),
 )
 
 
