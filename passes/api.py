@@ -12,7 +12,7 @@ import numpy as np
 
 from passes import _compat as C
 from passes import _nnx
-from passes.pipeline import Context, MalformedProgramError, Pipeline
+from passes.pipeline import Context, MalformedProgramError, Pipeline, collector_paused
 from passes.report import Report
 
 
@@ -217,6 +217,7 @@ def _changed_state(closed, call: _Call, n_state: int):
     return tuple(j for j, (o, i) in enumerate(zip(outs, body.invars)) if o is not i)
 
 
+@collector_paused()  # what tracing allocates lives through the pipeline: no collector walks
 def _build(fn, pipeline: Pipeline, call: _Call, structs) -> _Program:
     t0 = time.perf_counter()
     closed, out_info = _trace(fn, call, structs)

@@ -1,10 +1,13 @@
 """The pass manager: passes, the region walk, fixpoint iteration, checking, stats and dumps."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import os
 import pathlib
+import threading
 import time
 from typing import Iterable, Sequence
 
@@ -38,6 +41,36 @@ class FixpointError(RuntimeError):
 
 class MalformedProgramError(RewriteError):
     """A pass left a variable used before (or without) its definition."""
+
+
+_collector_lock = threading.Lock()
+_collector_pauses = 0  # open `collector_paused` blocks, across threads
+_collector_was_enabled = False
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector off for the block (reentrant, thread safe).
+
+    Tracing and rewriting allocate many objects that live until the pipeline ends, so the
+    collector promotes them and then re-walks the whole heap in full collections whose number
+    also grows with the program: that cost grows faster than the program. Reference counting
+    still frees acyclic garbage meanwhile; the few cycles made are found by the first (young
+    generation) collection after the block, a walk over what the block allocated and kept.
+    """
+    global _collector_pauses, _collector_was_enabled
+    with _collector_lock:
+        if _collector_pauses == 0:
+            _collector_was_enabled = gc.isenabled()
+            gc.disable()
+        _collector_pauses += 1
+    try:
+        yield
+    finally:
+        with _collector_lock:
+            _collector_pauses -= 1
+            if _collector_pauses == 0 and _collector_was_enabled:
+                gc.enable()
 
 
 def _nested_jaxprs(eqn):
@@ -409,6 +442,10 @@ class Pipeline:
 
     def run(self, jaxpr, ctx: Context | None = None):
         """Rewrite a (closed) jaxpr. Returns (new jaxpr, Context)."""
+        with collector_paused():
+            return self._run(jaxpr, ctx)
+
+    def _run(self, jaxpr, ctx):
         ctx = ctx or Context(self.sites, self.debug, self.validate)
         if self.dump_dir is not None:
             self._dump(jaxpr, "00_input")
