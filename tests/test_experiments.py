@@ -505,18 +505,22 @@ def test_engine_cost_end_to_end(tmp_path, capsys):
     for r in rows:
         assert r["ratio"] == pytest.approx(r["explain_s"] / r["xla_compile_s"])
         assert 0 < r["pass_s"] + r["trace_s"] <= r["explain_s"]
+        assert r["engine_s"] == pytest.approx(r["explain_s"] - r["jax_trace_s"])
     assert summ["explain_growth"] == pytest.approx(rows[1]["explain_s"] / rows[0]["explain_s"])
+    assert summ["engine_growth"] == pytest.approx(rows[1]["engine_s"] / rows[0]["engine_s"])
     assert rc == (0 if summ["ratio_ok"] and summ["growth_ok"] else 1)
     assert "growth 2/1 layers" in capsys.readouterr().out
 
 
 def test_engine_cost_summary_arithmetic():
-    rows = [{"num_layers": 12, "explain_s": 0.2, "xla_compile_s": 10.0, "equations": 1000,
-             "ratio": 0.02},
-            {"num_layers": 48, "explain_s": 1.0, "xla_compile_s": 20.0, "equations": 4000,
-             "ratio": 0.05}]
+    rows = [{"num_layers": 12, "explain_s": 0.2, "jax_trace_s": 0.05, "engine_s": 0.15,
+             "xla_compile_s": 10.0, "equations": 1000, "ratio": 0.02},
+            {"num_layers": 48, "explain_s": 1.0, "jax_trace_s": 0.2, "engine_s": 0.8,
+             "xla_compile_s": 20.0, "equations": 4000, "ratio": 0.05}]
     s = engine_cost.summary(rows)
-    assert s["explain_growth"] == pytest.approx(5.0) and not s["growth_ok"]
+    assert s["explain_growth"] == pytest.approx(5.0)
+    assert s["engine_growth"] == pytest.approx(0.8 / 0.15) and not s["growth_ok"]
+    assert s["jax_trace_growth"] == pytest.approx(4.0)
     assert s["xla_compile_growth"] == pytest.approx(2.0)
     assert s["equations_growth"] == pytest.approx(4.0)
     assert s["max_ratio"] == pytest.approx(0.05) and s["ratio_ok"]
