@@ -505,7 +505,7 @@ def test_engine_cost_end_to_end(tmp_path, capsys):
     for r in rows:
         assert r["ratio"] == pytest.approx(r["explain_s"] / r["xla_compile_s"])
         assert 0 < r["pass_s"] + r["trace_s"] <= r["explain_s"]
-        assert r["engine_s"] == pytest.approx(r["explain_s"] - r["jax_trace_s"])
+        assert r["pass_s"] <= r["engine_s"] <= r["explain_s"] - r["trace_s"]
     assert summ["explain_growth"] == pytest.approx(rows[1]["explain_s"] / rows[0]["explain_s"])
     assert summ["engine_growth"] == pytest.approx(rows[1]["engine_s"] / rows[0]["engine_s"])
     assert rc == (0 if summ["ratio_ok"] and summ["growth_ok"] else 1)
