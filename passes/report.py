@@ -188,8 +188,8 @@ class RewriteView:
       before: the matched equations, one line each (nested programs elided as `{...}`).
       after: the replacing call, as one line.
       inputs: the values handed to the replacement, with their types.
-      body: what the call's body is made of (its top-level primitives, and how many
-        `pallas_call`s it holds).
+      body: the kernel implementation the call resolved to, and the size of its body (how
+        many equations, how many of them `pallas_call`s).
     """
 
     def __init__(self, rewrite, eqns, call):
@@ -200,7 +200,7 @@ class RewriteView:
         outs = " ".join(f"{names(v)}:{_type(v)}" for v in call.outvars)
         args = ", ".join(names(a) for a in call.invars)
         self.after = f"{outs} = {call.params.get('name', call.primitive)}({args})"
-        self.body = _body_summary(call)
+        self.body = _body_summary(call, rewrite)
 
     def __str__(self):
         r = self.rewrite
@@ -217,7 +217,8 @@ class RewriteView:
     def _html_body(self):
         r = self.rewrite
         before = "\n".join(_capped(self.before))
-        module = f", module <code>{_E(r.module_path)}</code>" if r.module_path else ""
+        key = _module_key(r.module_path)
+        module = f", module <code>{_E(key)}</code>" if key != _NO_MODULE else ""
         return (f"<b>Before and after: <code>{_E(r.site)}</code></b> ({_E(r.pass_name)}."
                 f"{_E(r.rule)} at <code>{_E(_short_location(r.location, r.module_path))}</code>"
                 f"{module})<br><small>inputs: <code>{_E(', '.join(self.inputs))}</code></small>"
@@ -336,16 +337,27 @@ def _eqn_line(eqn, names: _Names) -> str:
     return f"{outs} = {eqn.primitive}{'[' + params + ']' if params else ''} {ins}"
 
 
-def _body_summary(call) -> str:
+def _body_summary(call, rewrite=None) -> str:
     from passes import _compat as C
     from passes.testing import count_primitive
 
+    implementation = getattr(rewrite, "implementation", "")
+    head = f"implementation: {implementation}; " if implementation else ""
     body = call.params.get("jaxpr")
     if body is None:
-        return f"a `{call.primitive}` call"
-    prims = list(dict.fromkeys(str(e.primitive) for e in C.open_jaxpr(body).eqns))
+        return f"{head}a `{call.primitive}` call"
+    n = sum(1 for _ in _all_eqns(C.open_jaxpr(body)))
     kernels = count_primitive(body, "pallas_call")
-    text = "body: " + (", ".join(prims[:6]) + (", ..." if len(prims) > 6 else "") or "empty")
-    if kernels:
-        text += f"; {kernels} pallas_call{'s' if kernels > 1 else ''} inside"
-    return text
+    return (f"{head}its body: {n} equation{'s' if n != 1 else ''}"
+            + (f", {kernels} of them pallas_call{'s' if kernels > 1 else ''}" if kernels else ""))
+
+
+def _all_eqns(jaxpr):
+    from passes import _compat as C
+
+    for eqn in C.open_jaxpr(jaxpr).eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (tuple, list)) else [value]):
+                if C.is_jaxpr(sub):
+                    yield from _all_eqns(sub)
