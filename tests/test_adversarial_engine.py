@@ -276,3 +276,13 @@ def test_a_fallback_after_a_decline_is_reported_with_the_reason():
     (rewrite,) = report.rewrites
     assert rewrite.implementation == "xla"
     assert rewrite.implementation_reason.startswith("dense_act: fallback after pallas: d_in = 0")
+
+
+@pytest.mark.parametrize("implementation", [None, "pallas"])
+@pytest.mark.parametrize("x_shape, w_shape", [((3, 0), (0, 8)), ((0, 4), (4, 8)), ((3, 4), (4, 0))])
+def test_dense_with_zero_size_operands(implementation, x_shape, w_shape):
+    f = lambda x, w, b: jax.nn.relu(x @ w + b)
+    x, w = jnp.ones(x_shape), jnp.ones(w_shape)
+    b = jnp.arange(w_shape[1], dtype=jnp.float32) - 2
+    opt = passes.optimize(f, passes.default_pipeline(implementation=implementation))
+    np.testing.assert_array_equal(opt(x, w, b), jax.jit(f)(x, w, b))
