@@ -52,3 +52,157 @@ def test_sharded_jit_two_devices():
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+# -- Pallas kernels per shard, on 8 simulated devices ------------------------------------------
+
+import functools
+import json
+
+import pytest
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import json, sys, warnings
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import pallas_kernels as pk
+    from pallas_kernels import _sharding
+    from pallas_kernels.linear_cross_entropy import linear_cross_entropy_reference
+    from experiments import sharding as sh
+    warnings.simplefilter("ignore")
+    assert jax.device_count() == 8, jax.devices()
+    mesh = sh.make_mesh({"data": 4, "model": 2})
+    out = {"models": [], "kernels": {}}
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+
+    for model in ("gpt2-tiny", "llama-tiny"):
+        for impl in ("pallas", None):
+            for kind in sh.PLACEMENTS:
+                r = sh.compare(model, kind, mesh, implementation=impl, steps=1)
+                (l0, g0), (l1, g1) = r["results"]
+                out["models"].append(dict(
+                    model=model, impl=impl or "default", placement=kind,
+                    loss_rel=rel(l1, l0),
+                    grad_rel=max(rel(b, a) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))),
+                    same_shardings=str(r["baseline"]["output_shardings"]) == str(r["optimized"]["output_shardings"]),
+                    **{f"{v}_{k}": r[v][k] for v in ("baseline", "optimized")
+                       for k in ("collective_bytes", "temp_memory_bytes")}))
+
+    # Vocabulary-parallel linear cross-entropy against an unsharded float64 reference.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 16, 32)).astype(np.float32)
+    labels = rng.integers(0, 256, (8, 16)).astype(np.int32)
+    for layout in ("dv", "vd"):
+        w = (rng.standard_normal((32, 256)) * 0.2).astype(np.float32)
+        w = w if layout == "dv" else w.T.copy()
+        wspec = P(None, "model") if layout == "dv" else P("model", None)
+        def loss(x, w, impl):
+            return jnp.sum(pk.linear_cross_entropy(x, w, labels, w_layout=layout, implementation=impl) * jnp.cos(jnp.arange(16.0)))
+        step = jax.jit(jax.value_and_grad(functools.partial(loss, impl="pallas"), argnums=(0, 1)),
+                       in_shardings=(NamedSharding(mesh, P("data")), NamedSharding(mesh, wspec)))
+        compiled = step.lower(x, w).compile()
+        text = compiled.as_text()
+        l, (dx, dw) = compiled(x, w)
+        ref = lambda x, w: jnp.sum(linear_cross_entropy_reference(x, w, labels, w_layout=layout) * jnp.cos(jnp.arange(16.0)))
+        jax.config.update("jax_enable_x64", True)  # the float64 reference only
+        l64, (dx64, dw64) = jax.value_and_grad(ref, argnums=(0, 1))(x.astype(np.float64), w.astype(np.float64))
+        jax.config.update("jax_enable_x64", False)
+        out["kernels"][f"vocab_parallel_{layout}"] = dict(
+            loss_rel=rel(l, l64), dx_rel=rel(dx, dx64), dw_rel=rel(dw, dw64),
+            collective_bytes=sh.collective_bytes(text), all_gathers=text.count("all-gather"),
+            logits_bytes=labels.size * 256 * 4, dw_sharding=str(dw.sharding.spec))
+
+    # Sequence-split attention: declined (gathered with a warning), results still exact.
+    q = rng.standard_normal((4, 32, 4, 8)).astype(np.float32)
+    seq = NamedSharding(mesh, P("data", "model"))
+    before = len(_sharding.gathers())
+    f = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(pk.attention(q, k, v, causal=True, implementation="pallas"))), argnums=(0, 1, 2)),
+                in_shardings=(seq, seq, seq))
+    val, grads = f(q, q, q)
+    ref = lambda q, k, v: jnp.sum(jnp.sin(pk.attention(q, k, v, causal=True, implementation="xla")))
+    jax.config.update("jax_enable_x64", True)
+    val64, grads64 = jax.value_and_grad(ref, argnums=(0, 1, 2))(*(jnp.asarray(q, jnp.float64),) * 3)
+    jax.config.update("jax_enable_x64", False)
+    out["kernels"]["sequence_split_attention"] = dict(
+        loss_rel=rel(val, val64), grad_rel=max(rel(a, b) for a, b in zip(grads, grads64)),
+        gathers=_sharding.gathers()[before:])
+    print("RESULT" + json.dumps(out))
+""").replace("import json, sys, warnings", "import functools, json, sys, warnings")
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_results() -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=900, cwd=root)
+    assert out.returncode == 0, out.stderr[-5000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+CASES = [(m, i, p) for m in ("gpt2-tiny", "llama-tiny") for i in ("pallas", "default")
+         for p in ("data", "tensor", "fsdp")]
+SMALL_BYTES = 64 << 10  # per-device slack: a few scalars' all-reduces, HLO layout differences
+
+
+# Measured not yet within the original (see the issue's closing notes): collectives where a norm's
+# features, a dense layer's d_in or the LM head's d is split over "model" and the kernel gathers
+# it, and where the rewritten XLA program partitions differently; temp memory everywhere (the CPU
+# interpreter's buffers for Pallas, the recomputed forward in the per-shard backward, and the
+# default rewrite itself). strict: a case that starts passing must drop its mark.
+_KNOWN_OVER = {
+    "collectives": {("gpt2-tiny", "pallas", "tensor"), ("gpt2-tiny", "default", "tensor"),
+                    ("llama-tiny", "pallas", "data"), ("llama-tiny", "pallas", "tensor"),
+                    ("llama-tiny", "default", "data"), ("llama-tiny", "default", "tensor"),
+                    ("llama-tiny", "default", "fsdp")},
+    "temp": set(CASES),
+}
+
+
+def _marked(kind):
+    return [pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason="measured over"))
+            if c in _KNOWN_OVER[kind] else c for c in CASES]
+
+
+def _case(model, impl, placement) -> dict:
+    return next(r for r in _sharded_results()["models"]
+                if (r["model"], r["impl"], r["placement"]) == (model, impl, placement))
+
+
+@pytest.mark.parametrize("model,impl,placement", CASES)
+def test_sharded_train_gradient_equals_original(model, impl, placement):
+    r = _case(model, impl, placement)
+    assert r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4, r
+    assert r["same_shardings"], r
+
+
+@pytest.mark.parametrize("model,impl,placement", _marked("collectives"))
+def test_sharded_collectives_within_original(model, impl, placement):
+    r = _case(model, impl, placement)
+    assert r["optimized_collective_bytes"] <= r["baseline_collective_bytes"] + SMALL_BYTES, r
+
+
+@pytest.mark.parametrize("model,impl,placement", _marked("temp"))
+def test_sharded_temp_memory_within_original(model, impl, placement):
+    r = _case(model, impl, placement)
+    assert r["optimized_temp_memory_bytes"] <= r["baseline_temp_memory_bytes"] + SMALL_BYTES, r
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_vocab_parallel_linear_cross_entropy(layout):
+    r = _sharded_results()["kernels"][f"vocab_parallel_{layout}"]
+    assert r["loss_rel"] < 1e-5 and r["dx_rel"] < 1e-4 and r["dw_rel"] < 1e-4, r
+    assert r["all_gathers"] == 0, r  # neither the weight nor the logits
+    assert r["collective_bytes"] < r["logits_bytes"] / 4, r
+    assert "model" in r["dw_sharding"], r
+
+
+def test_sequence_split_attention_declines_loudly():
+    r = _sharded_results()["kernels"]["sequence_split_attention"]
+    assert r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4, r
+    assert any("'k' is split" in g and "ring attention" in g for g in r["gathers"]), r
