@@ -222,7 +222,8 @@ def _walk(pass_, jaxpr, ctx, path, primal_only, memo):
     region = Region(jaxpr, path, primal_only)
     changes = 0
     for i, eqn in enumerate(region.eqns):
-        if is_replacement(eqn):
+        # Most equations hold no body: skip them before building a path for each.
+        if eqn.primitive not in C.NESTED_PRIMITIVES or is_replacement(eqn):
             continue
         new_params = None
         for pkey, j, sub, subpath, sub_primal in nested_regions(eqn, f"{path}/{i}", primal_only):
