@@ -107,6 +107,19 @@ def under_forward_mode(leaves) -> bool:
     return False
 
 
+def var_namer():
+    """A function naming atoms as JAX's jaxpr printer does (`a`, `b`, ...), consistently across
+    calls; None where the printer's API differs."""
+    try:
+        ctx, pp_var = _core.JaxprPpContext(), _core.pp_var
+    except AttributeError:
+        return None
+
+    def name(atom) -> str:
+        return str(pp_var(atom, ctx, print_literal_dtype=False))
+    return name
+
+
 def source_location(source_info, library_markers=("site-packages", "dist-packages")) -> str:
     """`file:line:col (function)` of the innermost frame of the user's own code.
 

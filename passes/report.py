@@ -297,16 +297,14 @@ class _Names:
     """Short variable names shared by both sides of a view, as the jaxpr printer gives them."""
 
     def __init__(self):
-        try:
-            from jax._src import core
-            self._ctx, self._pp = core.JaxprPpContext(), core.pp_var
-        except (ImportError, AttributeError):  # fall back to the variables' own text
-            self._ctx = self._pp = None
+        from passes import _compat as C
+
+        self._name = C.var_namer()  # None: fall back to the variables' own text
 
     def __call__(self, atom) -> str:
-        if self._pp is not None:
+        if self._name is not None:
             try:
-                return str(self._pp(atom, self._ctx, print_literal_dtype=False))
+                return self._name(atom)
             except Exception:  # a printer API that changed: the plain text still reads
                 pass
         return str(atom)
