@@ -144,7 +144,8 @@ def _float64_program(eqns, inputs, outputs):
     promoted = []
     for e in eqns:
         invars = [promote.get(a, a) if isinstance(a, C.Var) else
-                  C.literal(_to_float64(np.asarray(a.val, a.aval.dtype)), a.aval) for a in e.invars]
+                  C.literal(_to_float64(np.asarray(a.val, a.aval.dtype)), _float64_aval(a.aval))
+                  for a in e.invars]
         promoted.append(e.replace(invars=invars, params=_float64_params(e.params)))
     try:
         with jax.enable_x64(True):
@@ -227,7 +228,11 @@ def validate(region, match, new_eqn) -> str | None:
     if positions is None:
         return None
     free = _free_atoms(region, positions)
-    free += [a for a in match.inputs if isinstance(a, C.Var) and a not in free]
+    produced = {v for p in positions for v in region.eqns[p].outvars}
+    free += [a for a in match.inputs
+             if isinstance(a, C.Var) and a not in free and a not in produced]
+    # The replacement runs after the same upstream equations, on the operands they compute.
+    upstream = [region.eqns[p] for p in positions if p not in match.eqns]
     if sum(math.prod(a.aval.shape) for a in free) > MAX_ELEMENTS:
         return None
     key = _structure_key(region, match, positions, new_eqn)
@@ -241,7 +246,7 @@ def validate(region, match, new_eqn) -> str | None:
     except Exception:  # the matched equations cannot be compiled on their own: no verdict
         return None
     try:
-        replacement = _compile([new_eqn], free, new_eqn.outvars)
+        replacement = _compile(upstream + [new_eqn], free, new_eqn.outvars)
     except Exception:  # e.g. kernels lowered for a platform this host lacks (export): no verdict
         return None
     verdict = None
