@@ -149,7 +149,9 @@ class Report:
                         notes.append("primal only: derivatives keep the original equations")
                     implementation = getattr(r, "implementation", "")
                     if implementation:
-                        notes.append(f"implementation: {implementation}")
+                        why = getattr(r, "implementation_reason", "")
+                        notes.append(f"implementation: {implementation}"
+                                     + (f" ({why})" if why else ""))
                     mark, detail = "&#10003; fired", "<br>".join(_E(n) for n in notes)
                 body.append(f"<tr><td></td><td>{mark}</td><td><code>"
                             f"{_E(r.site or '-')}</code></td><td>{_E(r.pass_name)}."
