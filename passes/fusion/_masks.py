@@ -200,20 +200,47 @@ class Masks:
                 constant.append((atom, roles, invert, value))
         causal = False
         if constant:
-            combined = self._role_space([(r, ~v if inv else v) for _, r, inv, v in constant])
-            if not combined.all():
-                found = self._causal_role(combined)
+            all_kept, found, rows_empty = self._constant_verdict(constant, t_roles)
+            if not all_kept:
                 if found is not None:
                     causal, query = True, found
                 else:
-                    self._check_window(combined, t_roles)
                     data.extend((a, r, inv) for a, r, inv, _ in constant)
-                    if not combined.any(axis=-1).all():
+                    if rows_empty:
                         self.rows_may_be_empty = True
         if data:
             self.rows_may_be_empty = True
         self.terms = data
         return causal, query
+
+    def _constant_verdict(self, constant, t_roles):
+        """(keeps every key, causal query role or None, may leave a row without keys) for the
+        constant mask factors; a sliding window is declined. Cached on the region: after CSE
+        every layer's mask is the same variables, so a deep model judges it once."""
+        if not all(isinstance(a, C.Var) for a, _, _, _ in constant):  # literals do not hash
+            return self._judge_constant(constant, t_roles)
+        key = (tuple((a, r, inv) for a, r, inv, _ in constant), frozenset(self.sizes.items()),
+               tuple(t_roles))
+        memo = self.region.cache.setdefault("constant_mask_verdict", {})
+        if key not in memo:
+            try:
+                memo[key] = self._judge_constant(constant, t_roles)
+            except Decline as e:
+                memo[key] = str(e)
+        verdict = memo[key]
+        if isinstance(verdict, str):
+            raise Decline(verdict)
+        return verdict
+
+    def _judge_constant(self, constant, t_roles):
+        combined = self._role_space([(r, ~v if inv else v) for _, r, inv, v in constant])
+        if combined.all():
+            return True, None, False
+        found = self._causal_role(combined)
+        if found is not None:
+            return False, found, False
+        self._check_window(combined, t_roles)
+        return False, None, not combined.any(axis=-1).all()
 
     def _order(self):
         """The canonical role order of the logits: shared axes, query axes, keys."""
