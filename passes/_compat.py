@@ -1,7 +1,10 @@
 """Every difference between the supported jax versions (0.10.2 through 0.12.x) lives here."""
 from __future__ import annotations
 
+import inspect
 import itertools
+import os
+import sys
 
 import jax
 from jax._src import core as _core
@@ -88,8 +91,36 @@ def _tracer_children(t):
     return ()
 
 
+def _forward_mode_entry_points():
+    """Code objects of JAX's forward-mode entry points (`jvp` and its helper, `linearize`)."""
+    from jax._src import api
+
+    return frozenset(inspect.unwrap(getattr(api, name)).__code__
+                     for name in ("jvp", "_jvp", "linearize") if hasattr(api, name))
+
+
+_FORWARD_MODE_CODES = _forward_mode_entry_points()
+
+
+def _forward_mode_on_stack() -> bool:
+    """True when the caller runs inside `jax.jvp`, `jax.linearize`, `jacfwd` or `hessian`.
+
+    Tracers cannot tell everything: `linearize` traces with the same tracers as `grad`, and a
+    `lax.scan` body is traced with plain tracers before the scan is differentiated. JAX's own
+    forward-mode entry points are on the Python stack in every one of these cases.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in _FORWARD_MODE_CODES:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def under_forward_mode(leaves) -> bool:
-    """True when some leaf carries a forward-mode (jvp) tangent, at any nesting depth.
+    """True when forward-mode differentiation (jvp, linearize, jacfwd, hessian) may reach a
+    call with these arguments: a leaf carries a forward-mode (jvp) tangent at any nesting
+    depth, or a forward-mode entry point of JAX's is running.
 
     Reverse mode (`grad`, `vjp`) traces with LinearizeTracers (direct linearize is the default
     in every supported version); `jvp`, `jacfwd` and `hessian` use JVPTracers.
@@ -104,7 +135,7 @@ def under_forward_mode(leaves) -> bool:
         if isinstance(t, _ad.JVPTracer):
             return True
         stack.extend(c for c in _tracer_children(t) if isinstance(c, _core.Tracer))
-    return False
+    return _forward_mode_on_stack()
 
 
 def var_namer():
@@ -120,7 +151,12 @@ def var_namer():
     return name
 
 
-def source_location(source_info, library_markers=("site-packages", "dist-packages")) -> str:
+# Frames in installed libraries, or in this package itself (its NNX scoping wrapper sits between
+# a module's caller and its math), are not the user's own code.
+_LIBRARY_MARKERS = ("site-packages", "dist-packages", os.path.dirname(os.path.abspath(__file__)))
+
+
+def source_location(source_info, library_markers=_LIBRARY_MARKERS) -> str:
     """`file:line:col (function)` of the innermost frame of the user's own code.
 
     JAX's summary skips JAX's frames only; a Flax module's math would point into Flax.

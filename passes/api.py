@@ -268,8 +268,9 @@ def optimize(fn, pipeline: Pipeline | None = None, *, static_argnums=(), static_
     the state `fn` changes (BatchNorm statistics, RNG counts) is written back; state it leaves
     alone is never touched, so a module may be closed over by an enclosing `jit` or `vmap`.
 
-    Forward-mode differentiation (`jvp`, `jacfwd`, `hessian`) cannot pass through the kernels'
-    custom_vjp rules; under it, the original `fn` runs instead.
+    Forward-mode differentiation (`jvp`, `linearize`, `jacfwd`, `hessian`) cannot pass through
+    the kernels' custom_vjp rules; wherever it reaches this call (inside a scan body or a jit
+    traced under it too), the original `fn` runs instead.
 
     Args:
       fn: the function to rewrite.

@@ -242,6 +242,7 @@ def test_nnx_rewrites_name_their_module_path():
     paths = {(r.pass_name, r.module_path) for r in report.rewrites}
     assert {("layer_norm", "blocks/0/norm"), ("layer_norm", "blocks/1/norm"),
             ("dense_act", "blocks/0"), ("dense_act", "blocks/1")} <= paths
+    assert all("test_adversarial_engine.py" in r.location for r in report.rewrites)
     assert type(net.blocks[0]) is _Block  # the caller's modules are untouched
     np.testing.assert_allclose(passes.optimize(f)(net, x), f(net, x), rtol=1e-5)
 
@@ -286,3 +287,40 @@ def test_dense_with_zero_size_operands(implementation, x_shape, w_shape):
     b = jnp.arange(w_shape[1], dtype=jnp.float32) - 2
     opt = passes.optimize(f, passes.default_pipeline(implementation=implementation))
     np.testing.assert_array_equal(opt(x, w, b), jax.jit(f)(x, w, b))
+
+
+# -- forward mode falls back to the original wherever it reaches an optimized call --------------
+
+def _norm_sum(x, g):
+    m = x.mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    return (((x - m) / jnp.sqrt(v + 1e-5)) * g).sum()
+
+
+def _in_a_scan(fn, g):
+    return lambda x: lax.scan(lambda c, _: (c + fn(x * c, g), None), 1.0, None, length=2)[0]
+
+
+@pytest.mark.parametrize("mode", ["linearize", "jvp_of_scan", "jvp_of_jit", "jacfwd", "hessian"])
+def test_forward_mode_reaching_a_replacement_runs_the_original(mode):
+    opt = passes.optimize(_norm_sum, passes.default_pipeline(implementation="pallas"))
+    x = jax.random.normal(jax.random.key(0), (4, 128))
+    g = 1 + 0.1 * jax.random.normal(jax.random.key(1), (128,))
+    if mode == "linearize":
+        got, want = (jax.linearize(fn, x, g)[1](x, g) for fn in (opt, _norm_sum))
+    elif mode == "jvp_of_scan":
+        got, want = (jax.jvp(_in_a_scan(fn, g), (x,), (x,))[1] for fn in (opt, _norm_sum))
+    elif mode == "jvp_of_jit":
+        got, want = (jax.jvp(jax.jit(fn), (x, g), (x, g))[1] for fn in (opt, _norm_sum))
+    elif mode == "jacfwd":
+        got, want = (jax.jacfwd(fn, argnums=1)(x, g) for fn in (opt, _norm_sum))
+    else:
+        got, want = (jax.hessian(lambda g: fn(x[:2, :16], g))(g[:16]) for fn in (opt, _norm_sum))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_reverse_mode_still_runs_the_kernels():
+    opt = passes.optimize(_norm_sum, passes.default_pipeline(implementation="pallas"))
+    x, g = jnp.ones((4, 128)), jnp.ones(128)
+    from passes.testing import count_primitive
+    assert count_primitive(jax.make_jaxpr(jax.grad(opt))(x, g), "pallas_call") >= 2
