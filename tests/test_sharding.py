@@ -114,6 +114,58 @@ SHARDED_SCRIPT = textwrap.dedent("""
             collective_bytes=sh.collective_bytes(text), all_gathers=text.count("all-gather"),
             logits_bytes=labels.size * 256 * 4, dw_sharding=str(dw.sharding.spec))
 
+    # A reduced axis split over "model", computed with local collectives (no gather): the norms'
+    # features, dense_act's and gated_dense's d_in (row-parallel), softmax CE's vocabulary.
+    from pallas_kernels.layer_norm.reference import layer_norm_reference
+    from pallas_kernels.rms_norm.reference import rms_norm_reference
+    from pallas_kernels.dense_act.reference import dense_act_reference, gated_dense_reference
+    from pallas_kernels.softmax_cross_entropy.reference import softmax_cross_entropy_reference
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    xs, sc, bi, w1, w2, bo = f32(8, 4, 32) + 0.5, f32(32), f32(32), f32(32, 48) * 0.2, f32(32, 48) * 0.2, f32(48)
+    lg, lb = f32(8, 4, 64) * 3, rng.integers(-64, 64, (8, 4)).astype(np.int32)
+    split = P("data", None, "model")
+    reduced = {
+        "layer_norm": (lambda i, x, s, b: pk.layer_norm(x, s, b, eps=1e-5, implementation=i),
+                       lambda x, s, b: layer_norm_reference(x, s, b, eps=1e-5),
+                       (xs, sc, bi), (split, P("model"), P("model"))),
+        "rms_norm": (lambda i, x, s: pk.rms_norm(x, s, eps=1e-6, implementation=i),
+                     lambda x, s: rms_norm_reference(x, s, eps=1e-6), (xs, sc), (split, P("model"))),
+        "dense_act": (lambda i, x, w, b: pk.dense_act(x, w, b, activation="gelu_tanh", implementation=i),
+                      lambda x, w, b: dense_act_reference(x, w, b, activation="gelu_tanh"),
+                      (xs, w1, bo), (split, P("model", None), P())),
+        "gated_dense": (lambda i, x, wg, wu: pk.gated_dense(x, wg, wu, activation="silu", implementation=i),
+                        lambda x, wg, wu: gated_dense_reference(x, wg, wu, activation="silu"),
+                        (xs, w1, w2), (split, P("model", None), P("model", None))),
+        "softmax_cross_entropy": (lambda i, l: pk.softmax_cross_entropy(l, lb, implementation=i),
+                                  lambda l: softmax_cross_entropy_reference(l, lb), (lg,), (split,)),
+    }
+    def weighted(*a, f, absolute=False):
+        y = f(*a)
+        terms = y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / 7)
+        return jnp.sum(jnp.abs(terms) if absolute else terms)
+    for name, (fn, ref, args, specs) in reduced.items():
+        argnums = tuple(range(len(args)))
+        before = len(_sharding.gathers())
+        step = jax.jit(jax.value_and_grad(functools.partial(weighted, f=functools.partial(fn, "pallas")), argnums=argnums),
+                       in_shardings=tuple(NamedSharding(mesh, s) for s in specs))
+        compiled = step.lower(*args).compile()
+        text = compiled.as_text()
+        l, g = compiled(*args)
+        jax.config.update("jax_enable_x64", True)
+        a64 = [a.astype(np.float64) for a in args]
+        l64, g64 = jax.value_and_grad(functools.partial(weighted, f=ref), argnums=argnums)(*a64)
+        size64 = weighted(*a64, f=ref, absolute=True)
+        jax.config.update("jax_enable_x64", False)
+        out["kernels"][f"reduced_split_{name}"] = dict(
+            loss_rel=float(abs(l - l64) / size64), grad_rel=max(rel(a, b) for a, b in zip(g, g64)),
+            all_gathers=text.count("all-gather"), gathers=_sharding.gathers()[before:],
+            collective_bytes=sh.collective_bytes(text),
+            # norms, softmax CE: per-row statistics, far below the split operand; dense layers:
+            # the [rows, d_out] partial sums of each matmul, forward and (at most) once more in
+            # the backward's recomputation
+            bound=int(args[0].nbytes) // 4 if "dense" not in name
+            else 2 * (len(args) - 1) * xs.size // xs.shape[-1] * 48 * 4)
+
     # Sequence-split attention: declined (gathered with a warning), results still exact.
     q = rng.standard_normal((4, 32, 4, 8)).astype(np.float32)
     seq = NamedSharding(mesh, P("data", "model"))
@@ -204,6 +256,15 @@ def test_vocab_parallel_linear_cross_entropy(layout):
     assert r["all_gathers"] == 0, r  # neither the weight nor the logits
     assert r["collective_bytes"] < r["logits_bytes"] / 4, r
     assert "model" in r["dw_sharding"], r
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "dense_act", "gated_dense",
+                                  "softmax_cross_entropy"])
+def test_split_reduced_axis_runs_local_collectives(name):
+    r = _sharded_results()["kernels"][f"reduced_split_{name}"]
+    assert r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4, r
+    assert r["gathers"] == [] and r["all_gathers"] == 0, r  # per-row statistics only
+    assert r["collective_bytes"] <= r["bound"], r
 
 
 def test_sequence_split_attention_declines_loudly():

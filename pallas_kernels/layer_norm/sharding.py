@@ -1,8 +1,18 @@
-"""How the norm kernels split across devices (see pallas_kernels/_sharding.py): rows split
-freely; the features do not, since every row's statistics run over all of them."""
+"""How the norm kernels split across devices (see pallas_kernels/_sharding.py).
+
+Rows split freely. The features may split too (a residual stream placed over a tensor-parallel
+axis): each device then computes its rows' partial sums over its own features, one all-reduce of
+[rows] floats per statistic completes them, and the normalisation, scale and bias run locally on
+the device's features. The backward likewise all-reduces the two per-row sums it needs (one
+all-reduce of [rows, 2]). Neither the activations nor the parameters are gathered; these
+per-shard paths are written in jnp (statistics in float32), not with the kernel.
+"""
 from __future__ import annotations
 
-from pallas_kernels._sharding import Rule, batch_dims
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels._sharding import Collective, Rule, batch_dims
 
 _WHOLE = {"f": "each row's statistics run over all its features"}
 
@@ -15,13 +25,81 @@ def _eps(eps):
     return "" if hasattr(eps, "shape") else eps  # a traced eps is a scalar operand
 
 
+def _statistics(axes, shards, x32, eps, centred: bool):
+    """(x minus the mean or x itself, 1/sqrt(var + eps)), over the features of every shard."""
+    features = x32.shape[-1] * shards
+    if centred:
+        mean = lax.psum(jnp.sum(x32, axis=-1, keepdims=True), axes) / features
+        x32 = x32 - mean
+    var = lax.psum(jnp.sum(x32 * x32, axis=-1, keepdims=True), axes) / features
+    return x32, lax.rsqrt(var + eps)
+
+
+def _forward(centred, axes, shards, x, scale=None, bias=None, *, eps):
+    xc, rstd = _statistics(axes, shards, x.astype(jnp.float32), eps, centred)
+    y = xc * rstd
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _backward(centred, axes, shards, cotangents, x, scale=None, bias=None, *, eps):
+    (g,) = cotangents
+    features = x.shape[-1] * shards
+    xc, rstd = _statistics(axes, shards, x.astype(jnp.float32), eps, centred)
+    xhat = xc * rstd
+    g32 = g.astype(jnp.float32)
+    gh = g32 if scale is None else g32 * scale.astype(jnp.float32)
+    sums = [jnp.sum(gh * xhat, axis=-1, keepdims=True)]
+    if centred:
+        sums.append(jnp.sum(gh, axis=-1, keepdims=True))
+    sums = lax.psum(jnp.concatenate(sums, axis=-1), axes) / features
+    dx = gh - xhat * sums[..., :1]
+    if centred:
+        dx = dx - sums[..., 1:]
+    rows = tuple(range(x.ndim - 1))
+    grads = [(dx * rstd).astype(x.dtype)]
+    if scale is not None:
+        grads.append(jnp.sum(g32 * xhat, axis=rows).astype(scale.dtype))
+    if bias is not None:
+        grads.append(jnp.sum(g32, axis=rows).astype(bias.dtype))
+    if hasattr(eps, "shape") and jnp.issubdtype(eps.dtype, jnp.inexact):
+        # d rstd / d eps = -rstd^3 / 2; every feature of every shard contributes
+        d_eps = lax.psum(jnp.sum(gh * xc * (-0.5 * rstd ** 3)), axes)
+        grads.append(d_eps.astype(eps.dtype))
+    return grads
+
+
+def _layer_norm_forward(axes, shards, x, scale=None, bias=None, *, eps):
+    return _forward(True, axes, shards, x, scale, bias, eps=eps)
+
+
+def _layer_norm_backward(axes, shards, cotangents, x, scale=None, bias=None, *, eps):
+    return _backward(True, axes, shards, cotangents, x, scale, bias, eps=eps)
+
+
+def _rms_norm_forward(axes, shards, x, scale=None, *, eps):
+    return _forward(False, axes, shards, x, scale, eps=eps)
+
+
+def _rms_norm_backward(axes, shards, cotangents, x, scale=None, *, eps):
+    return _backward(False, axes, shards, cotangents, x, scale, eps=eps)
+
+
+LAYER_NORM_FEATURE_PARALLEL = Collective("f", _layer_norm_forward, _layer_norm_backward)
+RMS_NORM_FEATURE_PARALLEL = Collective("f", _rms_norm_forward, _rms_norm_backward)
+
+
 def layer_norm_sharding(x, scale=None, bias=None, *, eps):
     rows = batch_dims(x.ndim - 1)
     return Rule(args=(f"{rows} f", _param(scale), _param(bias)), kwargs=dict(eps=_eps(eps)),
-                results=(f"{rows} f",), whole=_WHOLE)
+                results=(f"{rows} f",), whole=_WHOLE,
+                collectives=(LAYER_NORM_FEATURE_PARALLEL,))
 
 
 def rms_norm_sharding(x, scale=None, *, eps):
     rows = batch_dims(x.ndim - 1)
     return Rule(args=(f"{rows} f", _param(scale)), kwargs=dict(eps=_eps(eps)),
-                results=(f"{rows} f",), whole=_WHOLE)
+                results=(f"{rows} f",), whole=_WHOLE, collectives=(RMS_NORM_FEATURE_PARALLEL,))
