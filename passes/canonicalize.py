@@ -28,10 +28,9 @@ from passes.pipeline import Pass
 from passes.purity import is_pure
 from passes.rewrite import is_replacement
 
-# rule(eqn, state) -> None (keep eqn) | list of equations (emit these instead) | an atom (the
-# eqn's only output is that atom).
-Rule = Callable
-rules: dict = {}
+# Per primitive: rule(eqn, state) -> None (keep eqn) | list of equations (emit these instead) |
+# an atom (the eqn's only output is that atom).
+rules: dict[object, Callable] = {}
 
 
 def register(*primitives):
