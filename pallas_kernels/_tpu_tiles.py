@@ -1,5 +1,5 @@
 """Tile helpers the Mosaic (TPU) kernels share: block sizes that satisfy TPU tiling, padding in
-the wrappers, the VMEM budget, and the launch arguments every TPU `pallas_call` takes.
+the wrappers, the VMEM budget, and the `pallas_call` every TPU kernel is launched through.
 
 TPU tiling: the last two dimensions of a block are multiples of (sublanes, 128), where sublanes is
 8 for 32-bit types, 16 for 16-bit and 32 for 8-bit ones, or equal to the array's dimensions.
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from pallas_kernels import _pallas_compat as compat  # noqa: F401 (kernel files use tt.compat)
 
@@ -56,8 +58,44 @@ def check_vmem(what: str, used: int) -> int:
     return used
 
 
-def launch(semantics, interpret: bool, vmem: int) -> dict:
-    """`compiler_params` and `interpret` for a Mosaic pallas_call."""
+def pallas_call(kernel, *, semantics, interpret: bool, vmem: int, **kwargs):
+    """`pl.pallas_call(kernel, **kwargs)` for Mosaic: `semantics` (one of "parallel" and
+    "arbitrary" per grid axis) and the VMEM limit as compiler parameters, and the TPU interpreter
+    when `interpret`.
+
+    vmap adds a leading grid axis per vmapped dimension. Mosaic's lowering gives those axes
+    parallel semantics, but the TPU interpreter takes `semantics` as they are and fails on a
+    grid longer than them; so in interpret mode a vmapped call runs a pallas_call whose
+    semantics start with one "parallel" per vmapped dimension, as the lowering would."""
     del vmem  # checked against VMEM_BUDGET by the caller; the limit leaves Mosaic headroom
-    return {"compiler_params": compat.tpu_compiler_params(semantics, 2 * VMEM_BUDGET),
-            "interpret": compat.tpu_interpret(interpret)}
+    semantics = tuple(semantics)
+
+    def build(vmapped: int):
+        return pl.pallas_call(
+            kernel, interpret=compat.tpu_interpret(interpret),
+            compiler_params=compat.tpu_compiler_params(("parallel",) * vmapped + semantics,
+                                                       2 * VMEM_BUDGET),
+            **kwargs)
+
+    return _interpretable_under_vmap(build, ()) if interpret else build(0)
+
+
+def _interpretable_under_vmap(build, in_axes: tuple):
+    """`build(len(in_axes))` under one jax.vmap per entry of `in_axes` (innermost first), as a
+    function that, vmapped once more, becomes the same with that vmap's axes appended."""
+    call = build(len(in_axes))
+    for axes in in_axes:
+        call = jax.vmap(call, in_axes=axes)
+
+    @jax.custom_batching.custom_vmap
+    def run(*args):
+        return call(*args)
+
+    @run.def_vmap
+    def rule(axis_size, in_batched, *args):
+        del axis_size
+        axes = tuple(0 if batched else None for batched in in_batched)
+        out = _interpretable_under_vmap(build, in_axes + (axes,))(*args)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return run

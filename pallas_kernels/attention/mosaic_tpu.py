@@ -183,7 +183,7 @@ def _forward(q, k, v, mask, bias, plan: _Plan):
         *(((bq, bk), a.dtype) for a, _ in extras), ((bq, 2), _F32))
         + tt.scratch_bytes(((bq, d + 2), _F32)) + 3 * bq * bk * 4)
     stat_shape = jax.ShapeDtypeStruct((B, H, q_pad, 1), _F32)
-    out, m, inv_l = pl.pallas_call(
+    out, m, inv_l = tt.pallas_call(
         functools.partial(_fwd_kernel, plan=plan),
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape, stat_shape),
         grid=(B, H, q_pad // bq, kv_pad // bk),
@@ -193,7 +193,8 @@ def _forward(q, k, v, mask, bias, plan: _Plan):
         scratch_shapes=[compat.tpu_vmem((bq, 1), _F32), compat.tpu_vmem((bq, 1), _F32),
                         compat.tpu_vmem((bq, d), _F32)],
         name="attention_fwd",
-        **tt.launch(("parallel", "parallel", "parallel", "arbitrary"), plan.interpret, vmem),
+        semantics=("parallel", "parallel", "parallel", "arbitrary"), interpret=plan.interpret,
+        vmem=vmem,
     )(q, k, v, *(a for a, _ in extras))
     return out, (m, inv_l)
 
@@ -295,7 +296,7 @@ def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
     if bias is not None:
         out_shape.append(jax.ShapeDtypeStruct((B, H, q_pad, kv_pad), _F32))
         out_specs.append(pl.BlockSpec((sq, sq, bq, bk), lambda b, h, i, j: (b, h, i, j)))
-    dq, *ds = pl.pallas_call(
+    dq, *ds = tt.pallas_call(
         functools.partial(_dq_kernel, plan=plan),
         out_shape=out_shape,
         grid=(B, H, nq, nk),
@@ -305,7 +306,7 @@ def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
         out_specs=out_specs,
         scratch_shapes=[compat.tpu_vmem((bq, d), _F32)],
         name="attention_bwd_dq",
-        **tt.launch(params, plan.interpret, vmem),
+        semantics=params, interpret=plan.interpret, vmem=vmem,
     )(*operands)
 
     # dK, dV: grid over (batch, kv head, key block, (group head, query block)).
@@ -319,7 +320,7 @@ def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
     q_spec_t = pl.BlockSpec((sq, sq, bq, d), q_index)
     stat_spec_t = pl.BlockSpec((sq, sq, bq, 1), q_index)
     key_spec = pl.BlockSpec((sq, sq, bk, d), lambda b, h, j, t: (b, h, j, 0))
-    dk, dv = pl.pallas_call(
+    dk, dv = tt.pallas_call(
         functools.partial(_dkv_kernel, plan=plan, n_q=nq),
         out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
         grid=(B, Hkv, nk, g * nq),
@@ -330,7 +331,7 @@ def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
         out_specs=(key_spec, key_spec),
         scratch_shapes=[compat.tpu_vmem((bk, d), _F32), compat.tpu_vmem((bk, d), _F32)],
         name="attention_bwd_dkv",
-        **tt.launch(params, plan.interpret, vmem),
+        semantics=params, interpret=plan.interpret, vmem=vmem,
     )(*operands)
 
     dbias = None

@@ -81,7 +81,7 @@ def forward(kind, activation, x, weights, bias, out_dtype, *, save_pre: bool, in
         ((bm, bk), x.dtype), *[((bk, bn), x.dtype)] * len(weights), ((1 + n_pre, bm * bn),
                                                                        out_dtype))
         + tt.scratch_bytes(*[((bm, bn), _F32)] * len(weights)))
-    y, *pre = pl.pallas_call(
+    y, *pre = tt.pallas_call(
         functools.partial(_forward_kernel, kind=kind, activation=activation,
                           n_weights=len(weights), has_bias=bias is not None, n_pre=n_pre),
         out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype)]
@@ -91,7 +91,7 @@ def forward(kind, activation, x, weights, bias, out_dtype, *, save_pre: bool, in
         out_specs=[tile] * (1 + n_pre),
         scratch_shapes=[tt.compat.tpu_vmem((bm, bn), _F32) for _ in weights],
         name=f"{kind}_fwd",
-        **tt.launch(("parallel", "parallel", "arbitrary"), interpret, vmem),
+        semantics=("parallel", "parallel", "arbitrary"), interpret=interpret, vmem=vmem,
     )(x, *weights, *([bias] if bias is not None else []))
     return y, pre
 
@@ -130,7 +130,7 @@ def _matmul(name, a_list, b_list, a_spec, b_spec, out_shape, out_block, grid, di
         *[(a_spec.block_shape, a.dtype) for a in a_list],
         *[(b_spec.block_shape, b.dtype) for b in b_list], (out_block, out_shape.dtype))
         + tt.scratch_bytes((out_block, _F32)))
-    return pl.pallas_call(
+    return tt.pallas_call(
         functools.partial(_matmul_kernel, n_pairs=len(a_list), dims=dims),
         out_shape=out_shape,
         grid=grid,
@@ -138,7 +138,7 @@ def _matmul(name, a_list, b_list, a_spec, b_spec, out_shape, out_block, grid, di
         out_specs=pl.BlockSpec(out_block, lambda i, j, r: (i, j)),
         scratch_shapes=[tt.compat.tpu_vmem(out_block, _F32)],
         name=name,
-        **tt.launch(("parallel", "parallel", "arbitrary"), interpret, vmem),
+        semantics=("parallel", "parallel", "arbitrary"), interpret=interpret, vmem=vmem,
     )(*a_list, *b_list)
 
 
@@ -154,7 +154,7 @@ def backward(kind, activation, x, weights, pre, dy, *, interpret: bool):
     else:
         vmem = tt.check_vmem(f"{kind} dz", tt.block_bytes(
             *[((bm, bn), x.dtype)] * (1 + len(pre) + len(weights))))
-        dzs = pl.pallas_call(
+        dzs = tt.pallas_call(
             functools.partial(_pre_grad_kernel, kind=kind, activation=activation,
                               n_pre=len(pre)),
             out_shape=[jax.ShapeDtypeStruct((m, n), x.dtype)] * len(weights),
@@ -162,7 +162,7 @@ def backward(kind, activation, x, weights, pre, dy, *, interpret: bool):
             in_specs=[tile] * (1 + len(pre)),
             out_specs=[tile] * len(weights),
             name=f"{kind}_bwd_dz",
-            **tt.launch(("parallel", "parallel"), interpret, vmem),
+            semantics=("parallel", "parallel"), interpret=interpret, vmem=vmem,
         )(dy, *pre)
     dx = _matmul(f"{kind}_bwd_dx", dzs, weights,
                  pl.BlockSpec((bm, bn), lambda i, j, r: (i, r)),

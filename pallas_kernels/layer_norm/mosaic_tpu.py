@@ -68,7 +68,7 @@ def norm_forward(x, scale, bias, eps, *, centered: bool, interpret: bool):
         ((br, n_cols), x.dtype), ((br, n_cols), x.dtype), ((br, n_cols), _F32),
         *(((1, n_cols), p.dtype) for p in params)))
     stat_shape = jax.ShapeDtypeStruct((n_rows, 1), _F32)
-    return pl.pallas_call(
+    return tt.pallas_call(
         functools.partial(_forward_kernel, centered=centered, has_scale=scale is not None,
                           has_bias=bias is not None, n_cols=n_cols),
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), stat_shape, stat_shape),
@@ -76,7 +76,7 @@ def norm_forward(x, scale, bias, eps, *, centered: bool, interpret: bool):
         in_specs=[rows, pl.BlockSpec((1, 1), lambda i: (0, 0))] + [vector] * len(params),
         out_specs=(rows, stat, stat),
         name="layer_norm_fwd" if centered else "rms_norm_fwd",
-        **tt.launch(("parallel",), interpret, vmem),
+        semantics=("parallel",), interpret=interpret, vmem=vmem,
     )(x, eps, *params)
 
 
@@ -124,7 +124,7 @@ def norm_backward(x, scale, mean, rstd, dy, *, centered: bool, interpret: bool):
         ((br, n_cols), x.dtype), ((br, n_cols), dy.dtype), ((br, n_cols), x.dtype),
         ((br, n_cols), _F32), ((br, n_cols), _F32), ((3, n_cols), _F32)))
     vec_shape = jax.ShapeDtypeStruct((1, n_cols), _F32)
-    dx, dscale, dbias, deps = pl.pallas_call(
+    dx, dscale, dbias, deps = tt.pallas_call(
         functools.partial(_backward_kernel, has_scale=scale is not None, centered=centered,
                           n_cols=n_cols),
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), vec_shape, vec_shape,
@@ -133,7 +133,7 @@ def norm_backward(x, scale, mean, rstd, dy, *, centered: bool, interpret: bool):
         in_specs=[rows, rows, stat, stat] + [vector] * (scale is not None),
         out_specs=(rows, vector, vector, pl.BlockSpec((1, 1), lambda i: (0, 0))),
         name="layer_norm_bwd" if centered else "rms_norm_bwd",
-        **tt.launch(("arbitrary",), interpret, vmem),
+        semantics=("arbitrary",), interpret=interpret, vmem=vmem,
     )(*operands)
     return dx, dscale[0], dbias[0], deps.reshape(1)
 

@@ -96,7 +96,7 @@ def forward(x, w, labels, *, layout, vocab, interpret):
     bt, bv = blocks(n_tokens, d, vocab, x.dtype)
     v_pad = w.shape[1] if layout == "dv" else w.shape[0]
     row = pl.BlockSpec((bt, 1), lambda i, j: (i, 0))
-    return pl.pallas_call(
+    return tt.pallas_call(
         functools.partial(_forward_kernel, layout=layout, vocab=vocab),
         out_shape=(jax.ShapeDtypeStruct((n_tokens, 1), linear_loss_dtype(x, w)),
                    jax.ShapeDtypeStruct((n_tokens, 1), _F32)),
@@ -105,7 +105,8 @@ def forward(x, w, labels, *, layout, vocab, interpret):
         out_specs=(row, row),
         scratch_shapes=[tt.compat.tpu_vmem((bt, 1), _F32) for _ in range(3)],
         name="linear_cross_entropy_fwd",
-        **tt.launch(("parallel", "arbitrary"), interpret, _vmem(bt, bv, d, x.dtype)),
+        semantics=("parallel", "arbitrary"), interpret=interpret,
+        vmem=_vmem(bt, bv, d, x.dtype),
     )(x, w, labels)
 
 
@@ -166,7 +167,7 @@ def backward(x, w, labels, lse, dloss, *, layout, vocab, interpret):
     kwargs = dict(layout=layout, vocab=vocab)
     operands = (x, w, labels, lse, dloss.astype(_F32))
     row = pl.BlockSpec((bt, 1), lambda i, j: (i, 0))
-    dx = pl.pallas_call(
+    dx = tt.pallas_call(
         functools.partial(_dx_kernel, **kwargs),
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         grid=(nt, nv),
@@ -175,11 +176,11 @@ def backward(x, w, labels, lse, dloss, *, layout, vocab, interpret):
         out_specs=pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
         scratch_shapes=[tt.compat.tpu_vmem((bt, d), _F32)],
         name="linear_cross_entropy_bwd_dx",
-        **tt.launch(("parallel", "arbitrary"), interpret, vmem),
+        semantics=("parallel", "arbitrary"), interpret=interpret, vmem=vmem,
     )(*operands)
     token_row = pl.BlockSpec((bt, 1), lambda j, i: (i, 0))
     w_block = (d, bv) if layout == "dv" else (bv, d)
-    dw = pl.pallas_call(
+    dw = tt.pallas_call(
         functools.partial(_dw_kernel, **kwargs),
         out_shape=jax.ShapeDtypeStruct(w.shape, w.dtype),
         grid=(nv, nt),
@@ -188,7 +189,7 @@ def backward(x, w, labels, lse, dloss, *, layout, vocab, interpret):
         out_specs=_w_spec(layout, bv, d, 0),
         scratch_shapes=[tt.compat.tpu_vmem(w_block, _F32)],
         name="linear_cross_entropy_bwd_dw",
-        **tt.launch(("parallel", "arbitrary"), interpret, vmem),
+        semantics=("parallel", "arbitrary"), interpret=interpret, vmem=vmem,
     )(*operands)
     return dx, dw
 

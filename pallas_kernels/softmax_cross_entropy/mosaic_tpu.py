@@ -85,7 +85,7 @@ def forward(logits, labels, *, vocab: int, interpret: bool):
     row = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     vmem = tt.check_vmem("softmax_cross_entropy forward", tt.block_bytes(
         ((br, bv), logits.dtype), ((br, 1), jnp.int32), ((br, 2), _F32)) + 3 * br * 4)
-    return pl.pallas_call(
+    return tt.pallas_call(
         functools.partial(_forward_kernel, vocab=vocab),
         out_shape=(jax.ShapeDtypeStruct((n_rows, 1), logits.dtype),
                    jax.ShapeDtypeStruct((n_rows, 1), _F32)),
@@ -94,7 +94,7 @@ def forward(logits, labels, *, vocab: int, interpret: bool):
         out_specs=(row, row),
         scratch_shapes=[tt.compat.tpu_vmem((br, 1), _F32) for _ in range(3)],
         name="softmax_cross_entropy_fwd",
-        **tt.launch(("parallel", "arbitrary"), interpret, vmem),
+        semantics=("parallel", "arbitrary"), interpret=interpret, vmem=vmem,
     )(logits, labels)
 
 
@@ -118,14 +118,14 @@ def backward(logits, labels, lse, dloss, *, vocab: int, interpret: bool):
     tile = pl.BlockSpec((br, bv), lambda i, j: (i, j))
     vmem = tt.check_vmem("softmax_cross_entropy backward", tt.block_bytes(
         ((br, bv), logits.dtype), ((br, bv), logits.dtype), ((br, 3), _F32)))
-    return pl.pallas_call(
+    return tt.pallas_call(
         _backward_kernel,
         out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
         grid=(n_rows // br, v_pad // bv),
         in_specs=[tile, row, row, row],
         out_specs=tile,
         name="softmax_cross_entropy_bwd",
-        **tt.launch(("parallel", "parallel"), interpret, vmem),
+        semantics=("parallel", "parallel"), interpret=interpret, vmem=vmem,
     )(logits, labels, lse, dloss.astype(_F32))
 
 
