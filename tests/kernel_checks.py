@@ -3,7 +3,26 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.extend import core as jex_core
+
+from pallas_kernels._target import KernelChoice
+
+# The platform "pallas" targets in this run: PALLAS_KERNELS_PLATFORM, else the default backend.
+# "tpu" runs the Mosaic kernels (on a CPU, in Pallas's TPU interpreter); otherwise the Triton ones
+# run (on a CPU, in Pallas's interpreter).
+PLATFORM = KernelChoice.of().platform
+ON_TPU = PLATFORM == "tpu"
+
+gpu_form_only = pytest.mark.skipif(
+    ON_TPU, reason="about the Triton (GPU) form of the kernels: its configs, block sizes or "
+                   "lowering; PALLAS_KERNELS_PLATFORM=tpu runs the Mosaic forms instead")
+
+
+def triton_config(config) -> dict:
+    """`{"config": config}` for the Triton kernels; nothing for the Mosaic ones, whose block
+    sizes follow TPU tiling and take no config."""
+    return {} if ON_TPU else {"config": config}
 
 
 def forbidden_outside_pallas(jaxpr, forbidden) -> list[str]:

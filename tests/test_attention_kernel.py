@@ -5,7 +5,9 @@ inside it); values and gradients of q, k, v and bias are compared on fresh rando
 tests run the kernels in interpret mode with 16-wide blocks, so sequence lengths of a few dozen
 span several blocks, cross the causal diagonal and end in a partial block. Interpret mode fills
 unwritten outputs and out-of-bounds reads with NaN, so checking every element for finiteness
-catches padding or unwritten tiles leaking.
+catches padding or unwritten tiles leaking. With PALLAS_KERNELS_PLATFORM=tpu "pallas" is the Mosaic
+kernels (their blocks follow TPU tiling and take no config); the tests about the Triton form alone
+(its configs and lowering) are skipped.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend import core as jex_core
+from kernel_checks import ON_TPU, gpu_form_only
 
 from pallas_kernels import _dispatch
 from pallas_kernels.attention import AttentionConfig, attention, pallas_attention
@@ -23,6 +26,7 @@ from pallas_kernels.attention import AttentionConfig, attention, pallas_attentio
 # `pallas_kernels.attention` names the function, which shadows the package; import the kernels'
 # module by its full name.
 attention_module = importlib.import_module("pallas_kernels.attention.triton")
+mosaic_module = importlib.import_module("pallas_kernels.attention.mosaic_tpu")
 
 # Blocks of 16 everywhere except where a kernel pair must cope with differing block sizes.
 SMALL = AttentionConfig(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16, block_q_dq=16,
@@ -33,6 +37,14 @@ MIXED = AttentionConfig(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, 
 # Max error allowed, relative to the largest reference magnitude of that output: a few units of
 # the dtype's rounding (bf16 also rounds the probabilities before the p @ v matmul).
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
+
+
+def pallas_small_blocks(q, k, v, **kwargs):
+    """The "pallas" kernels with small blocks: the Triton ones with SMALL; the Mosaic ones (TPU)
+    with their own blocks, the smallest TPU tiling allows."""
+    if ON_TPU:
+        return attention(q, k, v, implementation="pallas", **kwargs)
+    return pallas_attention(q, k, v, config=SMALL, **kwargs)
 
 
 def reference64(q, k, v, bias, ct, *, causal, mask, scale):
@@ -235,8 +247,9 @@ class TestPallas(AttentionCases):
     IMPLEMENTATION = "pallas"
 
     def attend(self, q, k, v, **kwargs):
-        return pallas_attention(q, k, v, config=SMALL, **kwargs)
+        return pallas_small_blocks(q, k, v, **kwargs)
 
+    @gpu_form_only
     def test_mixed_block_sizes(self):
         """Forward, dK/dV and dQ with different tiles (and all-padding query blocks in dQ)."""
         self.attend = lambda q, k, v, **kw: pallas_attention(q, k, v, config=MIXED, **kw)
@@ -294,8 +307,9 @@ def test_pallas_jaxprs_do_the_work_in_kernels(implementation):
         jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias))
     if implementation == "pallas":
         assert fwd_calls == 1 and fwd_heavy == set()
-        # forward, delta, dK/dV, dQ, dbias
-        assert bwd_calls == 5 and bwd_heavy == set()
+        # Triton: forward, delta, dK/dV, dQ, dbias. Mosaic: forward, dQ (with the dS tiles the
+        # bias gradient sums), dK/dV.
+        assert bwd_calls == (3 if ON_TPU else 5) and bwd_heavy == set()
     else:  # the walker would notice work outside kernels
         assert fwd_calls == 0 and {"dot_general", "exp"} <= fwd_heavy
         assert bwd_calls == 0 and {"dot_general", "exp"} <= bwd_heavy
@@ -316,6 +330,7 @@ def pretend_h100():
         yield
 
 
+@gpu_form_only
 @pytest.mark.parametrize("case", [
     dict(shape=(8, 2048, 2048, 16, 16, 64), dtype=jnp.bfloat16, causal=True),
     dict(shape=(4, 4096, 4096, 16, 16, 128), dtype=jnp.bfloat16, causal=True),
@@ -365,8 +380,7 @@ def test_default_on_cpu_is_xla_and_matches_pallas():
     default = attention(q, k, v, causal=True)
     jaxpr = jax.make_jaxpr(lambda q, k, v: attention(q, k, v, causal=True))(q, k, v)
     assert _heavy_outside_kernels(jaxpr)[0] == 0
-    np.testing.assert_allclose(default, pallas_attention(q, k, v, causal=True, config=SMALL),
-                               atol=2e-6)
+    np.testing.assert_allclose(default, pallas_small_blocks(q, k, v, causal=True), atol=2e-6)
 
 
 def test_pinned_cudnn_on_cpu_raises_with_reason():
@@ -414,14 +428,17 @@ _UNLOWERABLE.def_abstract_eval(lambda x: x)
 def test_kernel_that_fails_to_lower_declines_and_falls_back(monkeypatch):
     """A kernel whose body traces but has no lowering: the first use lowers it on its own, the
     failure becomes the pallas implementation's reason, and the next implementation runs."""
-    real_kernel = attention_module._fwd_kernel
+    # The forward kernel's output ref: before the statistics' (Triton), or before the
+    # statistics' and three scratch buffers (Mosaic).
+    module, out_ref = (mosaic_module, -6) if ON_TPU else (attention_module, -2)
+    real_kernel = module._fwd_kernel
 
     def broken_kernel(*refs, plan):
         real_kernel(*refs, plan=plan)
-        o_ref = refs[-2]
+        o_ref = refs[out_ref]
         o_ref[...] = _UNLOWERABLE.bind(o_ref[...])
 
-    monkeypatch.setattr(attention_module, "_fwd_kernel", broken_kernel)
+    monkeypatch.setattr(module, "_fwd_kernel", broken_kernel)
     _dispatch.clear_caches()
     attention_module._flash_attention.clear_cache()
     lowerings = []
@@ -440,6 +457,7 @@ def test_kernel_that_fails_to_lower_declines_and_falls_back(monkeypatch):
         attention_module._flash_attention.clear_cache()
 
 
+@gpu_form_only
 def test_heuristic_and_tuning_space_are_valid_configs():
     for interpret in (True, False):
         for head_dim in (64, 128):

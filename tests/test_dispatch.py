@@ -140,18 +140,19 @@ def test_lowering_failure_falls_back_with_the_compilers_message():
 
 
 def test_real_kernel_that_fails_to_lower_falls_back(monkeypatch):
-    # Make the LayerNorm kernels build for compiled mode on this CPU: they trace, then fail to
-    # lower, as a kernel broken by a JAX upgrade would.
+    # Make the (Triton) LayerNorm kernels build for compiled mode on this CPU: they trace, then
+    # fail to lower, as a kernel broken by a JAX upgrade would. platform="cpu" picks them whatever
+    # PALLAS_KERNELS_PLATFORM says (Mosaic kernels built for compiled mode lower from a CPU).
     import sys
     monkeypatch.setattr(sys.modules["pallas_kernels.layer_norm.triton"], "interpret_mode",
                         lambda: False)
     _dispatch.clear_caches()
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 11)), jnp.float32)
     try:
-        out = layer_norm(x, implementation=["pallas", "xla"])
+        out = layer_norm(x, implementation=["pallas", "xla"], platform="cpu")
         np.testing.assert_allclose(out, layer_norm(x, implementation="xla"), rtol=1e-6)
         with pytest.raises(NotImplementedError, match="pallas: failed to lower"):
-            layer_norm(x, implementation="pallas")
+            layer_norm(x, implementation="pallas", platform="cpu")
     finally:
         _dispatch.clear_caches()
 

@@ -5,7 +5,8 @@ inside them); values and the gradients of x, scale and bias for a fresh random c
 compared element by element. The Pallas subclass uses small blocks (4 rows forward, 2-row steps
 and at most 3 programs backward), so a few dozen rows span several programs and end in a partial
 block; interpret mode fills unwritten outputs and out-of-bounds reads with NaN, so the finiteness
-check catches leaks.
+check catches leaks. With PALLAS_KERNELS_PLATFORM=tpu "pallas" is the Mosaic kernels, whose blocks
+follow TPU tiling (no config); the tests about the Triton form alone are skipped.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import kernel_checks
-from kernel_checks import forbidden_outside_pallas
+from kernel_checks import forbidden_outside_pallas, gpu_form_only, triton_config
 
 from pallas_kernels import _pallas_compat, layer_norm, rms_norm
 from pallas_kernels.layer_norm import (NormConfig, layer_norm_op, layer_norm_pallas,
@@ -144,7 +145,7 @@ class TestXla(NormTests):
 
 class TestPallas(NormTests):
     IMPLEMENTATION = "pallas"
-    KWARGS = {"config": NormConfig(block_rows=4, bwd_block_rows=2, bwd_programs=3)}
+    KWARGS = triton_config(NormConfig(block_rows=4, bwd_block_rows=2, bwd_programs=3))
 
     @pytest.mark.parametrize("fn", ["layer_norm", "rms_norm"])
     def test_all_work_in_pallas(self, fn):
@@ -180,6 +181,25 @@ class TestPallas(NormTests):
         assert_close("dscale", dscale, want_dscale, jnp.float32, jnp.float32)
 
 
+def test_tpu_kernels_under_nested_vmap():
+    """vmap adds grid axes to the Mosaic kernels' pallas_calls, which the TPU interpreter only
+    takes with matching dimension semantics: values and gradients under two vmaps (one over an
+    argument that the other leaves unbatched) equal the XLA implementation's."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 2, 3, 16)), jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(16), jnp.float32)
+
+    def per_example(implementation):
+        loss = lambda x, s: jnp.sum(jnp.sin(rms_norm(x, s, implementation=implementation,
+                                                     platform="tpu")))
+        vg = jax.value_and_grad(loss, argnums=(0, 1))
+        return jax.jit(jax.vmap(jax.vmap(vg, in_axes=(0, None)), in_axes=(0, None)))(x, scale)
+
+    for got, want in zip(jax.tree_util.tree_leaves(per_example("pallas")),
+                         jax.tree_util.tree_leaves(per_example("xla"))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_parameter_shape_is_explained():
     x = jnp.ones((2, 8))
     with pytest.raises(ValueError, match=r"scale must have shape \(8,\)"):
@@ -197,6 +217,7 @@ def test_cpu_default_is_xla():
     assert count_pallas_calls(jax.make_jaxpr(pinned)(x)) == 1
 
 
+@gpu_form_only
 @pytest.mark.parametrize("case", ["layer_norm_768_bf16_f32_params", "rms_norm_4096_bf16",
                                   "rms_norm_13_no_scale", "layer_norm_96_traced_eps"])
 def test_kernels_lower_through_triton(monkeypatch, case):
