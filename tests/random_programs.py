@@ -136,7 +136,9 @@ FUSED_STEPS = {"attention": [s for s in STEPS if s.startswith("attention")],
 class Program:
     """One random program and its arguments, drawn from `seed`."""
 
-    def __init__(self, seed: int, max_steps: int = 6):
+    def __init__(self, seed: int, max_steps: int = 6, include: str | None = None):
+        """`include`: a step name the program must contain (at a random place, on non-empty
+        inputs), so that a run can be sure to exercise a given pass."""
         rng = np.random.default_rng(seed)
         self.seed = seed
         names = sorted(STEPS)
@@ -149,8 +151,13 @@ class Program:
             else:
                 name = str(rng.choice(names))
                 self.steps.append(("step", name, STEPS[name]))
+        if include is not None:
+            at = int(rng.integers(len(self.steps) + 1))
+            self.steps.insert(at, ("step", include, STEPS[include]))
         batch = () if rng.random() < 0.5 else (2,)
-        t = int(rng.choice([1, 4, 8])) if rng.random() > 0.03 else 0  # zero-size now and then
+        t = int(rng.choice([1, 4, 8]))
+        if include is None and rng.random() < 0.03:
+            t = 0  # zero-size now and then
         self.args = (self._x(rng, batch + (t, D)), self._params(rng, batch, t))
 
     def _x(self, rng, shape):

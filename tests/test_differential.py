@@ -69,8 +69,11 @@ def run_program(program):
 def test_random_programs(chunk):
     fired = dict.fromkeys(FUSED_STEPS, 0)
     per_chunk = PROGRAMS // CHUNKS
+    # The first programs of each chunk each contain one idiom of every fusion pass, in turn.
+    must = [steps[(chunk + i) % len(steps)] for i, steps in enumerate(FUSED_STEPS.values())]
     for i in range(per_chunk):
-        counts = run_program(Program(SEED + chunk * per_chunk + i))
+        seed = SEED + chunk * per_chunk + i
+        counts = run_program(Program(seed, include=must[i] if i < len(must) else None))
         for name in fired:
             fired[name] += counts[name]
     # The generator exists to exercise the fusion passes: each must have fired.
