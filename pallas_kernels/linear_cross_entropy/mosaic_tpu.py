@@ -23,7 +23,7 @@ from pallas_kernels import _tpu_tiles as tt
 from pallas_kernels._target import current
 from pallas_kernels.linear_cross_entropy.common import linear_loss_dtype
 from pallas_kernels.softmax_cross_entropy.common import normalize_labels
-from pallas_kernels.softmax_cross_entropy.mosaic_tpu import column_ids, finish, online_step
+from pallas_kernels.softmax_cross_entropy.mosaic_tpu import column_ids, loss_block
 
 _F32 = jnp.float32
 _NN = (((1,), (0,)), ((), ()))
@@ -59,27 +59,9 @@ def _logits(x, w, layout):
 
 def _forward_kernel(x_ref, w_ref, labels_ref, loss_ref, lse_ref, m_ref, l_ref, picked_ref, *,
                     layout, vocab):
-    j = pl.program_id(1)
-
-    @pl.when(j == 0)
-    def _():
-        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
-        l_ref[...] = jnp.zeros_like(l_ref)
-        picked_ref[...] = jnp.zeros_like(picked_ref)
-
     t = _logits(x_ref[...], w_ref[...], layout)
-    cols = column_ids(t.shape, t.shape[1])
-    t = jnp.where(cols < vocab, t, -jnp.inf)
-    online_step(m_ref, l_ref, t)
-    labels = labels_ref[...]
-    picked_ref[...] += jnp.sum(jnp.where(cols == labels, t, 0.0), axis=1, keepdims=True)
-
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _():
-        lse = finish(m_ref, l_ref)
-        valid = (labels >= 0) & (labels < vocab)
-        loss_ref[...] = jnp.where(valid, lse - picked_ref[...], jnp.nan).astype(loss_ref.dtype)
-        lse_ref[...] = lse
+    loss_block(t, column_ids(t.shape, t.shape[1]), labels_ref, loss_ref, lse_ref, m_ref, l_ref,
+               picked_ref, vocab=vocab)
 
 
 def _w_spec(layout, bv, d, vocab_axis_of_grid):

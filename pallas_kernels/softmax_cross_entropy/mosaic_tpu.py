@@ -51,9 +51,10 @@ def column_ids(shape, block: int, axis: int = 1):
 # ----------------------------------------------------------------------------------------------
 # Forward kernel
 
-def _forward_kernel(logits_ref, labels_ref, loss_ref, lse_ref, m_ref, l_ref, picked_ref, *,
-                    vocab: int):
-    br, bv = logits_ref.shape
+def loss_block(t, cols, labels_ref, loss_ref, lse_ref, m_ref, l_ref, picked_ref, *, vocab: int):
+    """One vocabulary block of the online loss, for this op and the linear one: start the row
+    statistics at the first block, fold in this block's logits `t` (columns `cols`; those past
+    `vocab` are padding), and write the loss and log-sum-exp after the last."""
     j = pl.program_id(1)
 
     @pl.when(j == 0)
@@ -62,8 +63,7 @@ def _forward_kernel(logits_ref, labels_ref, loss_ref, lse_ref, m_ref, l_ref, pic
         l_ref[...] = jnp.zeros_like(l_ref)
         picked_ref[...] = jnp.zeros_like(picked_ref)
 
-    cols = column_ids((br, bv), bv)
-    t = jnp.where(cols < vocab, logits_ref[...].astype(_F32), -jnp.inf)
+    t = jnp.where(cols < vocab, t, -jnp.inf)
     online_step(m_ref, l_ref, t)
     labels = labels_ref[...]
     picked_ref[...] += jnp.sum(jnp.where(cols == labels, t, 0.0), axis=1, keepdims=True)
@@ -74,6 +74,13 @@ def _forward_kernel(logits_ref, labels_ref, loss_ref, lse_ref, m_ref, l_ref, pic
         valid = (labels >= 0) & (labels < vocab)
         loss_ref[...] = jnp.where(valid, lse - picked_ref[...], jnp.nan).astype(loss_ref.dtype)
         lse_ref[...] = lse
+
+
+def _forward_kernel(logits_ref, labels_ref, loss_ref, lse_ref, m_ref, l_ref, picked_ref, *,
+                    vocab: int):
+    br, bv = logits_ref.shape
+    loss_block(logits_ref[...].astype(_F32), column_ids((br, bv), bv), labels_ref, loss_ref,
+               lse_ref, m_ref, l_ref, picked_ref, vocab=vocab)
 
 
 # Forward wrapper
