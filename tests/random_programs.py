@@ -1,7 +1,8 @@
 """Random programs for differential testing: a chain of steps drawn from the idioms the fusion
 passes rewrite (attention with masks, norms, dense + activation, gated dense, cross-entropy) and
 the edges the engine must survive (integer and bitwise constants, overflowing casts, complex
-values, control flow, NaN/inf inputs, fully masked rows, zero-size arrays).
+values, stateful random draws, control flow, NaN/inf inputs, fully masked rows, zero-size
+arrays).
 
 `Program(seed)` draws one program; `program.fn(*program.args)` returns a float32 array.
 """
@@ -101,6 +102,12 @@ def _complex(x, p):
     return jnp.real(z) + jnp.imag(z * jnp.conj(z))
 
 
+def _stateful_draws(x, p):
+    """Two draws from the hidden generator state: equal only if a pass wrongly merged them."""
+    a, b = lax.rng_uniform(0.0, 1.0, (8,)), lax.rng_uniform(0.0, 1.0, (8,))
+    return x + jnp.any(a != b).astype(x.dtype)
+
+
 def _scan(x, p):
     def body(c, row):
         c = jnp.tanh(c + row)
@@ -122,7 +129,7 @@ STEPS = {
     **{f"attention_{m}": _attention(m) for m in
        ("none", "causal_inf", "causal_min", "padding", "padding_inf", "bias")},
     "ce_optax": _cross_entropy("optax"), "ce_gather": _cross_entropy("gather"),
-    "complex": _complex, "scan": _scan, "cond": _cond,
+    "complex": _complex, "rng": _stateful_draws, "scan": _scan, "cond": _cond,
     "jit": jax.jit(lambda x, p: jnp.cos(x) * 2),
     "remat": jax.checkpoint(lambda x, p: jnp.sin(x) * x),
 }

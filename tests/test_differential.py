@@ -57,10 +57,16 @@ def run_program(program):
     def all_three(leaves, args64):
         return before(*leaves)[0], after(*leaves)[0], program.fn(*args64)
 
+    leaves, args64 = jax.tree.leaves(program.args), _to64(program.args)
     with jax.enable_x64(True):
-        want, got, ref = jax.jit(all_three)(jax.tree.leaves(program.args), _to64(program.args))
+        results = jax.jit(all_three)(leaves, args64)
     with np.errstate(all="ignore"):
-        problem = policy_problem(got, want, ref)
+        problem = policy_problem(results[1], results[0], results[2])
+        if problem is not None:
+            # XLA's CPU backend can lose a NaN inside a fusion (exp of a select of a NaN gives 0
+            # on jax 0.10.2); op-by-op evaluation is the programs' own meaning: judge by it.
+            with jax.enable_x64(True):
+                problem = policy_problem(*(all_three(leaves, args64)[i] for i in (1, 0, 2)))
     assert problem is None, f"{program} (JAXPASSES_FUZZ_SEED={SEED}): {problem}"
     return report.counts
 
