@@ -1,8 +1,9 @@
 """Differential tests: random programs (tests/random_programs.py), `optimize(f)` against `f`.
 
 The draw is fixed unless JAXPASSES_FUZZ_SEED=random asks for fresh programs (the seed is printed
-on failure; set JAXPASSES_FUZZ_SEED to a number to replay one). Values are compared under the numerics policy against the float64 evaluation of the
-original, NaN and infinities included; a sample is also checked with gradients and under `jit`.
+on failure; set JAXPASSES_FUZZ_SEED to a number to replay one). Values are compared under the
+numerics policy against the float64 evaluation of the original, NaN and infinities included; a
+sample is also checked with gradients and under `jit`.
 """
 import os
 import time
