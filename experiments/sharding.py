@@ -28,6 +28,7 @@ _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "col
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _INSTRUCTION = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(_COLLECTIVES) + r")\(")
+_COMMENT = re.compile(r"/\*.*?\*/")  # long tuples carry /*index=5*/ markers
 _SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 
 
@@ -103,7 +104,7 @@ def collective_bytes(hlo_text: str) -> int:
     """Bytes of the results of every collective in an HLO module's text (per device)."""
     total = 0
     for line in hlo_text.splitlines():
-        m = _INSTRUCTION.search(line)
+        m = _INSTRUCTION.search(_COMMENT.sub("", line))
         if m:
             total += _shape_bytes(m.group(1))
     return total

@@ -204,7 +204,8 @@ def check_lowering(op_name: str, impl: str, fn: Callable, args, kwargs) -> None:
         known = key in _verdicts
         reason = _verdicts.get(key)
     if not known:
-        reason = _lowering_failure(fn, bound)
+        with _sharding.without_explicit_mesh():
+            reason = _lowering_failure(fn, bound)
         with _verdicts_lock:
             _verdicts[key] = reason
     if reason is not None:
@@ -433,6 +434,9 @@ class Op:
     # every implementation but "xla" runs per shard when several devices are visible
     # (see _sharding.py); without it a partitioner gathers a kernel's operands.
     sharding: Callable | None = None
+    # Whether "xla" runs per shard too: for an XLA implementation that the partitioners split
+    # badly (a loop over vocabulary chunks); plain XLA ops are best left to them.
+    shard_xla: bool = False
 
     def register(self, impl: str, *, check_lowering: bool | None = None):
         """Decorator registering `fn` as implementation `impl`.
@@ -490,9 +494,10 @@ class Op:
             try:
                 if n in self.checked:
                     check_lowering(self.name, n, fn, args, kwargs)
-                if n != "xla" and self.sharding is not None and _sharding.wanted():
+                if (self.sharding is not None and (n != "xla" or self.shard_xla)
+                        and _sharding.wanted()):
                     out = _sharding.per_shard(self.name, fn, self.sharding(*args, **kwargs),
-                                              _BoundCall.of(args, kwargs))
+                                              _BoundCall.of(args, kwargs), n)
                 else:
                     out = fn(*args, **kwargs)
             except NotImplementedError as e:

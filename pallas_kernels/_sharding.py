@@ -15,12 +15,16 @@ parallel cross-entropy) or gathered for the kernel, with a warning naming the op
 `gathers()` lists those events, so tests and experiments can see them.
 
 Inside `shard_map` (every mesh axis manual) custom_partitioning inlines the kernel on the local
-block, as it does on one device; `per_shard` adds nothing there. The backward recomputes the
+block, as it does on one device; `per_shard` adds nothing there. Under explicit sharding (mesh
+axes of type `AxisType.Explicit`, shardings in the operands' types) no partitioner runs: the same
+plan is carried out at trace time, operands resharded to it and the local function run in a
+`shard_map`. The backward recomputes the
 forward from the operands (residuals would need sharding rules of their own); the kernels'
 forward is cheap next to their backward.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import threading
@@ -45,6 +49,7 @@ class Collective:
     factor: str
     forward: Callable
     backward: Callable
+    implementation: str = "pallas"  # the implementation whose kernels these run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +165,7 @@ class _Partitioned:
 
     def __init__(self, name: str, local: Callable, operands: list, results: list, rule: Rule,
                  *, backward: bool):
+        # `rule.collectives` holds only the implementation's own (see `per_shard`)
         self.name, self.local, self.rule, self.backward = name, local, rule, backward
         self.operands = [_axes_of(d) for d in operands]
         self.results = [_axes_of(d) for d in results]
@@ -187,26 +193,33 @@ class _Partitioned:
         factor_axes: dict[str, tuple[str, ...]] = {}
         used: set[str] = set()
         collective = None
-        for axes, shape in zip(self.operands, arg_shapes):
-            for a, (size, mesh_axes) in zip(axes, zip(shape.shape,
-                                                      _named_spec(shape.sharding, len(axes)))):
-                f = _major(a)
-                if not mesh_axes or f is None or f in factor_axes or used & set(mesh_axes):
+        # Free factors first: a mesh axis that both a free factor (a weight's output columns)
+        # and a reduced one (the activations' features) claim goes to the free factor, so
+        # parameters and their gradients stay where they were placed and the activations are
+        # gathered instead (what XLA does for a column-split matmul).
+        placed = [(a, size, mesh_axes)
+                  for axes, shape in zip(self.operands, arg_shapes)
+                  for a, size, mesh_axes in zip(axes, shape.shape,
+                                                _named_spec(shape.sharding, len(axes)))]
+        placed.sort(key=lambda p: _major(p[0]) in self.rule.whole)
+        for a, size, mesh_axes in placed:
+            f = _major(a)
+            if not mesh_axes or f is None or f in factor_axes or used & set(mesh_axes):
+                continue
+            n = _size(mesh, mesh_axes)
+            if f in self.rule.whole:
+                handler = self._collective(f)
+                if handler is None or collective is not None or size % n:
+                    _report_gather(
+                        f"pallas_kernels: {self.name}: {f!r} is split over mesh axes "
+                        f"{mesh_axes}, but {self.rule.whole[f]}; it is gathered for the "
+                        f"kernel")
                     continue
-                n = _size(mesh, mesh_axes)
-                if f in self.rule.whole:
-                    handler = self._collective(f)
-                    if handler is None or collective is not None or size % n:
-                        _report_gather(
-                            f"pallas_kernels: {self.name}: {f!r} is split over mesh axes "
-                            f"{mesh_axes}, but {self.rule.whole[f]}; it is gathered for the "
-                            f"kernel")
-                        continue
-                    collective = handler
-                elif size % n:
-                    continue
-                factor_axes[f] = mesh_axes
-                used |= set(mesh_axes)
+                collective = handler
+            elif size % n:
+                continue
+            factor_axes[f] = mesh_axes
+            used |= set(mesh_axes)
         return _Plan(factor_axes, collective)
 
     def _shardings(self, mesh, plan: _Plan, which: list) -> tuple:
@@ -247,24 +260,69 @@ class _Partitioned:
         return mesh, lower, result_shardings, arg_shardings
 
     def __call__(self, *arrays):
-        return self.fn(*arrays)
+        mesh = _explicit_mesh(arrays)
+        if mesh is None:
+            return self.fn(*arrays)
+        # Explicit sharding (shardings in the types): no partitioner runs, so the plan is carried
+        # out here, with the same local function inside a shard_map over every mesh axis.
+        shapes = [jax.typeof(a) for a in arrays]
+        _, lower, result_shardings, arg_shardings = self._partition(mesh, shapes, None)
+        arrays = [a if _named_spec(t.sharding, t.ndim) == _named_spec(s, t.ndim)
+                  else jax.sharding.reshard(a, s.spec)
+                  for a, t, s in zip(arrays, shapes, arg_shardings)]
+        return jax.shard_map(lower, mesh=mesh, in_specs=tuple(s.spec for s in arg_shardings),
+                             out_specs=tuple(s.spec for s in result_shardings),
+                             check_vma=False)(*arrays)
+
+
+@contextlib.contextmanager
+def without_explicit_mesh():
+    """Trace a kernel on its own (shapes, lowering checks) under an explicit-sharding mesh:
+    `pallas_call` takes no explicit mesh axes, so the block traces under an empty one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit = any(t == jax.sharding.AxisType.Explicit
+                   for t in getattr(mesh, "axis_types", ()) or ())
+    if not explicit:
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        yield
+
+
+def _explicit_mesh(arrays):
+    """The mesh of operands whose types carry an explicit sharding, else None."""
+    for a in arrays:
+        sharding = getattr(jax.typeof(a), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or not getattr(mesh, "axis_names", ()):
+            continue
+        explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
+                    if t == jax.sharding.AxisType.Explicit}
+        if any(set(_spec_axes(e)) & explicit for e in sharding.spec):
+            return mesh
+    return None
 
 
 # -- the wrapper -------------------------------------------------------------------------------
 
-def per_shard(name: str, fn: Callable, rule: Rule, bound) -> Any:
+def per_shard(name: str, fn: Callable, rule: Rule, bound, implementation: str = "pallas") -> Any:
     """`fn` called on `bound`'s arguments, forward and backward on each device's own block.
 
-    `bound` is the dispatcher's `_BoundCall` of the call; `rule` its factor names.
+    `bound` is the dispatcher's `_BoundCall` of the call; `rule` its factor names;
+    `implementation` the name `fn` is registered under (it selects the rule's collectives).
     """
+    rule = dataclasses.replace(rule, collectives=tuple(
+        c for c in rule.collectives if c.implementation == implementation))
     positions = bound.array_positions
     rule_leaves = jax.tree_util.tree_flatten((rule.args, rule.kwargs))[0]
     operand_dims = [rule_leaves[i] for i in positions]
     arrays = [bound.leaves[i] for i in positions]
     diff = bound.differentiable()
     n = len(arrays)
-    out_tree = jax.tree_util.tree_structure(
-        jax.eval_shape(lambda *a: bound.call(fn, a), *arrays))
+    with without_explicit_mesh():
+        out_tree = jax.tree_util.tree_structure(jax.eval_shape(
+            lambda *a: bound.call(fn, a),
+            *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]))
 
     def forward_local(handler, *local):
         if handler is not None:

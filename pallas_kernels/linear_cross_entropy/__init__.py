@@ -23,8 +23,8 @@ from pallas_kernels.linear_cross_entropy.xla import linear_cross_entropy_xla
 from pallas_kernels.softmax_cross_entropy.common import check_labels
 from pallas_kernels.linear_cross_entropy.sharding import linear_cross_entropy_sharding
 
-linear_cross_entropy_op = Op("linear_cross_entropy",
-                             sharding=linear_cross_entropy_sharding)
+linear_cross_entropy_op = Op("linear_cross_entropy", sharding=linear_cross_entropy_sharding,
+                             shard_xla=True)
 linear_cross_entropy_op.register("pallas")(
     by_platform(gpu=linear_cross_entropy_pallas, tpu=linear_cross_entropy_mosaic_tpu))
 linear_cross_entropy_op.register("xla")(linear_cross_entropy_xla)

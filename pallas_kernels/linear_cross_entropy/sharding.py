@@ -9,21 +9,51 @@ gradient adds the shards' parts. Neither the weight nor the logits are ever gath
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._sharding import Collective, Rule, batch_dims
-from pallas_kernels.linear_cross_entropy.common import linear_loss_dtype
+from pallas_kernels.linear_cross_entropy.common import chunk_columns, linear_loss_dtype
 from pallas_kernels.linear_cross_entropy.triton import (linear_cross_entropy_backward,
                                                         linear_cross_entropy_config_heuristic,
                                                         linear_cross_entropy_forward)
+from pallas_kernels.linear_cross_entropy.xla import (linear_ce_xla_backward,
+                                                     linear_ce_xla_forward)
 from pallas_kernels.softmax_cross_entropy.common import normalize_labels
 
 
-def _local_problem(axes, shards, x, w, labels, w_layout):
-    """Flattened local operands, this shard's labels (-1 where another shard holds the class),
-    whether the global label is valid, and the kernels' config."""
+class _Local(NamedTuple):
+    """One implementation's kernels on flattened local operands (labels normalised; -1 picks
+    no class): forward -> (loss, lse float32); backward(lse, dloss) -> (dx, dw)."""
+    forward: Callable
+    backward: Callable
+
+
+def _local_kernels(implementation: str, x2d, w, w_layout) -> _Local:
+    vocab_local = w.shape[1] if w_layout == "dv" else w.shape[0]
+    itemsize = jnp.dtype(x2d.dtype).itemsize
+    if implementation == "xla":
+        chunk = max(1, min(vocab_local, chunk_columns(x2d.shape[0], vocab_local, itemsize, 128)))
+        return _Local(
+            lambda labels: linear_ce_xla_forward(x2d, w, labels, w_layout, chunk),
+            lambda labels, lse, dloss: linear_ce_xla_backward(x2d, w, labels, lse, dloss,
+                                                               w_layout, chunk))
+    config = linear_cross_entropy_config_heuristic(x2d.shape[0], x2d.shape[1], vocab_local,
+                                                   itemsize)
+    return _Local(
+        lambda labels: linear_cross_entropy_forward(x2d, w, labels, w_layout, jnp.float32,
+                                                    config),
+        lambda labels, lse, dloss: linear_cross_entropy_backward(x2d, w, labels, lse, dloss,
+                                                                 w_layout, config))
+
+
+def _statistics(implementation, axes, shards, x, w, labels, w_layout):
+    """This shard's kernels, its labels (-1 where another shard holds the class), whether the
+    global label is valid, and the combined log-sum-exp and picked logit."""
     vocab_local = w.shape[1] if w_layout == "dv" else w.shape[0]
     vocab = vocab_local * shards
     dtype = jnp.result_type(x, w)
@@ -32,40 +62,37 @@ def _local_problem(axes, shards, x, w, labels, w_layout):
     valid = (global_labels >= 0) & (global_labels < vocab)
     local = global_labels - lax.axis_index(axes) * vocab_local
     here = (local >= 0) & (local < vocab_local)
-    config = linear_cross_entropy_config_heuristic(x2d.shape[0], x.shape[-1], vocab_local,
-                                                   jnp.dtype(dtype).itemsize)
-    return x2d, w.astype(dtype), jnp.where(here, local, -1), here, valid, config
-
-
-def _statistics(axes, shards, x, w, labels, w_layout):
-    x2d, w, local, here, valid, config = _local_problem(axes, shards, x, w, labels, w_layout)
-    loss, lse = linear_cross_entropy_forward(x2d, w, local, w_layout, jnp.float32, config)
+    local = jnp.where(here, local, -1)
+    kernels = _local_kernels(implementation, x2d, w.astype(dtype), w_layout)
+    loss, lse = kernels.forward(local)
     picked = lax.psum(jnp.where(here, lse - loss, 0.0), axes)
     top = lax.pmax(lse, axes)
     lse = jnp.log(lax.psum(jnp.exp(lse - top), axes)) + top
-    return x2d, w, local, valid, config, lse, picked
+    return kernels, local, valid, lse, picked
 
 
-def _forward(axes, shards, x, w, labels, *, w_layout):
+def _forward(implementation, axes, shards, x, w, labels, *, w_layout):
     if labels.size == 0:
         return jnp.zeros(labels.shape, linear_loss_dtype(x, w))
-    *_, valid, _, lse, picked = _statistics(axes, shards, x, w, labels, w_layout)
+    _, _, valid, lse, picked = _statistics(implementation, axes, shards, x, w, labels, w_layout)
     loss = jnp.where(valid, lse - picked, jnp.nan)
     return loss.astype(linear_loss_dtype(x, w)).reshape(labels.shape)
 
 
-def _backward(axes, shards, cotangents, x, w, labels, *, w_layout):
+def _backward(implementation, axes, shards, cotangents, x, w, labels, *, w_layout):
     (dloss,) = cotangents
     if labels.size == 0:
         return jnp.zeros_like(x), jnp.zeros_like(w)
-    x2d, w_local, local, _, config, lse, _ = _statistics(axes, shards, x, w, labels, w_layout)
-    dx, dw = linear_cross_entropy_backward(x2d, w_local, local, lse, dloss.reshape(-1),
-                                           w_layout, config)
+    kernels, local, _, lse, _ = _statistics(implementation, axes, shards, x, w, labels, w_layout)
+    dx, dw = kernels.backward(local, lse, dloss.reshape(-1))
     dx = lax.psum(dx.astype(jnp.float32), axes)
     return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
 
 
-VOCAB_PARALLEL = Collective("v", _forward, _backward)
+VOCAB_PARALLEL = tuple(
+    Collective("v", functools.partial(_forward, impl), functools.partial(_backward, impl),
+               implementation=impl)
+    for impl in ("pallas", "xla"))
 
 
 def linear_cross_entropy_sharding(x, w, labels, *, w_layout):
@@ -75,4 +102,4 @@ def linear_cross_entropy_sharding(x, w, labels, *, w_layout):
                 results=(rows,),
                 whole={"d": "the logits contract d",
                        "v": "the log-sum-exp runs over the whole vocabulary"},
-                collectives=(VOCAB_PARALLEL,))
+                collectives=VOCAB_PARALLEL)

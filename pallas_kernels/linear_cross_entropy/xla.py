@@ -43,7 +43,7 @@ def _xla_for_each_chunk(vocab, chunk, body, carry):
     return carry
 
 
-def _linear_ce_xla_forward(x, w, labels, layout, chunk):
+def linear_ce_xla_forward(x, w, labels, layout, chunk):
     n_tokens = x.shape[0]
     vocab = w.shape[1] if layout == "dv" else w.shape[0]
 
@@ -62,7 +62,7 @@ def _linear_ce_xla_forward(x, w, labels, layout, chunk):
     return loss, lse
 
 
-def _linear_ce_xla_backward(x, w, labels, lse, dloss, layout, chunk):
+def linear_ce_xla_backward(x, w, labels, lse, dloss, layout, chunk):
     vocab = w.shape[1] if layout == "dv" else w.shape[0]
     dloss = dloss.astype(jnp.float32)
 
@@ -89,17 +89,17 @@ def _linear_ce_xla_backward(x, w, labels, lse, dloss, layout, chunk):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _linear_ce_xla(x, w, labels, layout, chunk):
-    return _linear_ce_xla_forward(x, w, labels, layout, chunk)[0]
+    return linear_ce_xla_forward(x, w, labels, layout, chunk)[0]
 
 
 def _linear_ce_xla_fwd(x, w, labels, layout, chunk):
-    loss, lse = _linear_ce_xla_forward(x, w, labels, layout, chunk)
+    loss, lse = linear_ce_xla_forward(x, w, labels, layout, chunk)
     return loss, (x, w, labels, lse)
 
 
 def _linear_ce_xla_bwd(layout, chunk, residuals, dloss):
     x, w, labels, lse = residuals
-    dx, dw = _linear_ce_xla_backward(x, w, labels, lse, dloss, layout, chunk)
+    dx, dw = linear_ce_xla_backward(x, w, labels, lse, dloss, layout, chunk)
     return dx, dw, None
 
 
