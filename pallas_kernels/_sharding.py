@@ -289,6 +289,19 @@ def without_explicit_mesh():
         yield
 
 
+def _placed_like(results, operands):
+    """Under explicit sharding, each result resharded to its operand's placement (a cotangent
+    must have its primal's type; the plan may have split it like another operand's factor)."""
+    if _explicit_mesh(operands) is None:
+        return results
+    out = []
+    for r, a in zip(results, operands):
+        want = jax.typeof(a).sharding
+        same = _named_spec(jax.typeof(r).sharding, r.ndim) == _named_spec(want, a.ndim)
+        out.append(r if same else jax.sharding.reshard(r, want.spec))
+    return out
+
+
 def _explicit_mesh(arrays):
     """The mesh of operands whose types carry an explicit sharding, else None."""
     for a in arrays:
@@ -361,7 +374,7 @@ def per_shard(name: str, fn: Callable, rule: Rule, bound, implementation: str = 
         return forward(*arrays), arrays
 
     def run_bwd(arrays, cotangents):
-        grads = iter(backward(*arrays, *cotangents))
+        grads = iter(_placed_like(backward(*arrays, *cotangents), [arrays[j] for j in diff]))
         return tuple(next(grads) if j in diff else None for j in range(n))
 
     run.defvjp(run_fwd, run_bwd)
