@@ -50,6 +50,9 @@ class Collective:
     forward: Callable
     backward: Callable
     implementation: str = "pallas"  # the implementation whose kernels these run
+    # Factors that must be split over the same mesh axes as `factor` for this collective to
+    # apply (ring attention: the queries' positions with the keys'); it handles them too.
+    companions: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +177,9 @@ class _Partitioned:
         sdy = SdyShardingRule(
             tuple(_mapping(a, ones) for a in self.operands),
             tuple(_mapping(a, ones) for a in self.results),
-            need_replication_factors=tuple(f for f in self._factors()
-                                           if f in rule.whole and not self._collective(f)),
+            need_replication_factors=tuple(
+                f for f in self._factors() if f in rule.whole and not self._collective(f)
+                and not any(f in c.companions for c in rule.collectives)),
             **{f: s for f, s in rule.sizes.items() if f in self._factors()})
         self.fn.def_partition(partition=self._partition,
                               infer_sharding_from_operands=self._infer,
@@ -202,6 +206,21 @@ class _Partitioned:
                   for a, size, mesh_axes in zip(axes, shape.shape,
                                                 _named_spec(shape.sharding, len(axes)))]
         placed.sort(key=lambda p: _major(p[0]) in self.rule.whole)
+        first = {}  # factor -> (size, mesh axes) of its first split occurrence
+        for a, size, mesh_axes in placed:
+            if _major(a) is not None and mesh_axes:
+                first.setdefault(_major(a), (size, mesh_axes))
+        for c in self.rule.collectives:  # one whose factors are split alike claims them first
+            if not c.companions or c.factor not in first:
+                continue
+            axes = first[c.factor][1]
+            n = _size(mesh, axes)
+            if all(first.get(f, (0, ()))[1] == axes and first[f][0] % n == 0
+                   for f in (c.factor, *c.companions)):
+                collective = c
+                factor_axes.update({f: axes for f in (c.factor, *c.companions)})
+                used |= set(axes)
+                break
         for a, size, mesh_axes in placed:
             f = _major(a)
             if not mesh_axes or f is None or f in factor_axes or used & set(mesh_axes):

@@ -166,20 +166,35 @@ SHARDED_SCRIPT = textwrap.dedent("""
             bound=int(args[0].nbytes) // 4 if "dense" not in name
             else 2 * (len(args) - 1) * xs.size // xs.shape[-1] * 48 * 4)
 
-    # Sequence-split attention: declined (gathered with a warning), results still exact.
-    q = rng.standard_normal((4, 32, 4, 8)).astype(np.float32)
-    seq = NamedSharding(mesh, P("data", "model"))
-    before = len(_sharding.gathers())
-    f = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(pk.attention(q, k, v, causal=True, implementation="pallas"))), argnums=(0, 1, 2)),
-                in_shardings=(seq, seq, seq))
-    val, grads = f(q, q, q)
-    ref = lambda q, k, v: jnp.sum(jnp.sin(pk.attention(q, k, v, causal=True, implementation="xla")))
-    jax.config.update("jax_enable_x64", True)
-    val64, grads64 = jax.value_and_grad(ref, argnums=(0, 1, 2))(*(jnp.asarray(q, jnp.float64),) * 3)
-    jax.config.update("jax_enable_x64", False)
-    out["kernels"]["sequence_split_attention"] = dict(
-        loss_rel=rel(val, val64), grad_rel=max(rel(a, b) for a, b in zip(grads, grads64)),
-        gathers=_sharding.gathers()[before:])
+    # Sequence-split attention: ring attention where queries and keys split alike (causal or
+    # not, grouped-query heads, heads split too); with a mask, gathered with a warning. Both
+    # against the float64 XLA implementation.
+    def attention_case(causal, spec, with_mask):
+        q = rng.standard_normal((4, 32, 4, 8)).astype(np.float32)
+        k, v = (rng.standard_normal((4, 32, 2, 8)).astype(np.float32) for _ in range(2))
+        mask = jnp.asarray(rng.random((1, 1, 32, 32)) < 0.9) if with_mask else None
+        def loss(q, k, v, impl):
+            return jnp.sum(jnp.sin(pk.attention(q, k, v, causal=causal, mask=mask, implementation=impl)))
+        s = NamedSharding(mesh, spec)
+        step = jax.jit(jax.value_and_grad(functools.partial(loss, impl="pallas"), argnums=(0, 1, 2)),
+                       in_shardings=(s, s, s))
+        before = len(_sharding.gathers())
+        val, grads = step(q, k, v)
+        text = step.lower(q, k, v).compile().as_text()
+        jax.config.update("jax_enable_x64", True)
+        val64, grads64 = jax.value_and_grad(functools.partial(loss, impl="xla"), argnums=(0, 1, 2))(
+            *(a.astype(np.float64) for a in (q, k, v)))
+        jax.config.update("jax_enable_x64", False)
+        return dict(loss_rel=rel(val, val64), grad_rel=max(rel(a, b) for a, b in zip(grads, grads64)),
+                    gathers=_sharding.gathers()[before:], all_gathers=text.count("all-gather("),
+                    permutes=text.count("collective-permute"))
+
+    for causal in (True, False):
+        for name, spec in (("batch_and_sequence", P("data", "model")),
+                           ("sequence_over_both_axes", P(None, ("data", "model"))),
+                           ("sequence_and_heads", P(None, "data", "model"))):
+            out["kernels"][f"ring_{'causal' if causal else 'full'}_{name}"] = attention_case(causal, spec, False)
+    out["kernels"]["sequence_split_attention_masked"] = attention_case(True, P("data", "model"), True)
 
     # Explicit sharding (shardings in the types): each kernel runs on its local block in a
     # shard_map, against the float64 XLA implementation; gradients keep the operands' placement.
@@ -314,10 +329,20 @@ def test_split_reduced_axis_runs_local_collectives(name):
     assert r["collective_bytes"] <= r["bound"], r
 
 
-def test_sequence_split_attention_declines_loudly():
-    r = _sharded_results()["kernels"]["sequence_split_attention"]
+@pytest.mark.parametrize("causal", ["causal", "full"])
+@pytest.mark.parametrize("placement", ["batch_and_sequence", "sequence_over_both_axes",
+                                       "sequence_and_heads"])
+def test_sequence_split_attention_runs_as_ring_attention(causal, placement):
+    r = _sharded_results()["kernels"][f"ring_{causal}_{placement}"]
     assert r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4, r
-    assert any("'k' is split" in g and "ring attention" in g for g in r["gathers"]), r
+    assert r["gathers"] == [] and r["all_gathers"] == 0, r
+    assert r["permutes"] > 0, r  # key/value blocks passed around the ring
+
+
+def test_sequence_split_masked_attention_is_gathered_loudly():
+    r = _sharded_results()["kernels"]["sequence_split_attention_masked"]
+    assert r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4, r
+    assert any("'k' is split" in g and "ring attention takes" in g for g in r["gathers"]), r
 
 
 @pytest.mark.parametrize("name", ["attention", "layer_norm", "dense_columns", "dense_rows",

@@ -686,3 +686,50 @@ def pallas_attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
             heuristic_config(q_len, kv_len, head_dim, interpret=interpret))
     return _flash_attention(q, k, v, mask, bias, causal=bool(causal), scale=scale, config=config,
                             interpret=interpret)
+
+
+# ---------------------------------------------------------------------------------------------
+# One (query block, key block) pair, for ring attention (see ring.py)
+
+
+def _block_plan(q, k, *, causal: bool, scale: float) -> tuple[_Plan, int, int, int]:
+    B, q_len, H, head_dim = q.shape
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    interpret = interpret_mode()
+    config = heuristic_config(q_len, kv_len, head_dim, interpret=interpret)
+    q_pad = _round_up(q_len, config.q_multiple)
+    kv_pad = _round_up(kv_len, config.k_multiple)
+    d_pad = max(16, pl.next_power_of_2(head_dim))
+    plan = _Plan(batch=B, heads=H, kv_heads=Hkv, q_len=q_len, kv_len=kv_len, q_pad=q_pad,
+                 kv_pad=kv_pad, head_dim=d_pad, scale=scale, causal=causal, mask=None,
+                 bias=None, config=config, interpret=interpret)
+    return plan, q_pad, kv_pad, d_pad
+
+
+def _padded(x, rows: int, d_pad: int):
+    return _pad_axis(_pad_axis(x, 1, rows), 3, d_pad)
+
+
+def block_forward(q, k, v, *, causal: bool, scale: float):
+    """Attention of q over one block of keys: (output normalised over that block, row max in
+    base 2, row sum), statistics (batch, heads, q_len) in float32. No mask or bias; with
+    `causal` q and k are the same positions."""
+    plan, q_pad, kv_pad, d_pad = _block_plan(q, k, causal=causal, scale=scale)
+    out, (m, inv_l) = _forward(_padded(q, q_pad, d_pad), _padded(k, kv_pad, d_pad),
+                               _padded(v, kv_pad, d_pad), None, None, plan)
+    q_len, head_dim = q.shape[1], q.shape[3]
+    return out[:, :q_len, :, :head_dim], m[..., :q_len], 1.0 / inv_l[..., :q_len]
+
+
+def block_backward(q, k, v, out, m, inv_l, do, *, causal: bool, scale: float):
+    """(dq, dk, dv) of one block pair, given the output and base-2 statistics (row max,
+    1 / row sum) of q's rows over every key."""
+    plan, q_pad, kv_pad, d_pad = _block_plan(q, k, causal=causal, scale=scale)
+    stat = lambda s: _pad_axis(s, 2, q_pad)  # noqa: E731 (padded rows: probability 0)
+    dq, dk, dv, _ = _backward(_padded(q, q_pad, d_pad), _padded(k, kv_pad, d_pad),
+                              _padded(v, kv_pad, d_pad), None, None,
+                              _padded(out, q_pad, d_pad), (stat(m), stat(inv_l)),
+                              _padded(do, q_pad, d_pad), plan)
+    q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    return (dq[:, :q_len, :, :head_dim], dk[:, :kv_len, :, :head_dim],
+            dv[:, :kv_len, :, :head_dim])
