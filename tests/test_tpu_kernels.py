@@ -238,18 +238,18 @@ def _config_cases():
             lambda x, s, b: layer_norm_reference(x, s, b, eps=1e-5),
             [normal(rng, 8, 9, 128), 1 + normal(rng, 128, scale=0.1), normal(rng, 128)]),
         "dense_act": (
-            dense.config_space(21, 136, 40, f32),
+            dense.config_space(21, 264, 40, f32),
             lambda c: lambda x, w, b: dense.dense_act_mosaic_tpu(x, w, b, activation="gelu_tanh",
                                                                  config=c),
             lambda x, w, b: dense_act_reference(x, w, b, activation="gelu_tanh"),
-            [normal(rng, 3, 7, 40), normal(rng, 40, 136, scale=0.2), normal(rng, 136)]),
+            [normal(rng, 3, 7, 40), normal(rng, 40, 264, scale=0.2), normal(rng, 264)]),
         "gated_dense": (
-            dense.config_space(21, 136, 40, f32, n_weights=2),
+            dense.config_space(21, 264, 40, f32, n_weights=2),
             lambda c: lambda x, g, u: dense.gated_dense_mosaic_tpu(x, g, u, activation="silu",
                                                                    config=c),
             lambda x, g, u: gated_dense_reference(x, g, u, activation="silu"),
-            [normal(rng, 21, 40), normal(rng, 40, 136, scale=0.2),
-             normal(rng, 40, 136, scale=0.2)]),
+            [normal(rng, 21, 40), normal(rng, 40, 264, scale=0.2),
+             normal(rng, 40, 264, scale=0.2)]),
         "softmax_cross_entropy": (
             softmax_ce.config_space(21, 1100, f32),
             lambda c: lambda x: softmax_ce.softmax_cross_entropy_mosaic_tpu(x, ce_labels,

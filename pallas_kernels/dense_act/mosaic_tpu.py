@@ -72,14 +72,14 @@ def vmem_bytes(config: DenseTpuConfig, dtype, out_dtype=None, *, n_weights: int 
 
 
 def config_space(m: int, n: int, k: int, dtype, *, n_weights: int = 1) -> list[DenseTpuConfig]:
-    """The default and (128 | 256 | 512) rows x (128 | 256 | 512) columns x (256 | 512 | 1024)
-    depth, fitted to the operands, within VMEM."""
+    """The default and (128 | 256 | 512) rows x (256 | 512) columns x (512 | 1024) depth,
+    fitted to the operands, within VMEM."""
     return tt.within_budget(
         default_config(m, n, k, dtype),
         [DenseTpuConfig(bm, bn, bk)
          for bm in tt.block_options(m, (128, 256, 512), tt.sublanes(dtype))
-         for bn in tt.block_options(n, (128, 256, 512), tt.LANES)
-         for bk in tt.block_options(k, (256, 512, 1024), tt.LANES)],
+         for bn in tt.block_options(n, (256, 512), tt.LANES)
+         for bk in tt.block_options(k, (512, 1024), tt.LANES)],
         lambda c: vmem_bytes(c, dtype, n_weights=n_weights))
 
 
