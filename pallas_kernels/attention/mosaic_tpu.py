@@ -317,7 +317,7 @@ def _dbias_kernel(*refs, plan: _Plan, order: tuple):
         db_ref[...] = acc_ref[...].astype(db_ref.dtype)
 
 
-def _dbias(q, k, v, mask, bias, operands, plan: _Plan, vmem: int):
+def _dbias(q, k, bias, operands, plan: _Plan, vmem: int):
     """`_dbias_kernel` over grid (kept axes, broadcast axes) -> the padded bias's gradient."""
     B, H, q_pad, d = q.shape
     bq, bk, g = plan.block_q, plan.block_k, plan.group
@@ -447,7 +447,7 @@ def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
 
     dbias = None
     if bias is not None:
-        dbias = ds[0] if ds else _dbias(q, k, v, mask, bias, operands, plan, vmem)
+        dbias = ds[0] if ds else _dbias(q, k, bias, operands, plan, vmem)
     return dq, dk, dv, dbias
 
 
