@@ -117,11 +117,12 @@ _CONSTANT_CHAIN = (lax.broadcast_in_dim_p, lax.reshape_p, lax.convert_element_ty
 
 
 def literal_value(region, atom):
-    """The float value of a uniform constant: a scalar literal, possibly broadcast, reshaped or
-    cast by equations (which are read, not consumed; casts round the value as they would).
-    None for anything else."""
+    """The Python float of a uniform constant, else None: a literal (a scalar, or an array of one
+    repeated value), possibly broadcast, reshaped or cast by equations (which are read, not
+    consumed; casts round the value as they would). The one reading of "the constant scalar value
+    of this atom" for patterns and the fusion passes alike."""
     casts = []
-    for _ in range(8):
+    while True:
         if isinstance(atom, C.Literal):
             v = atom.val
             if not casts and (isinstance(v, (int, float, np.number, np.bool_))
@@ -143,7 +144,6 @@ def literal_value(region, atom):
         if eqn.primitive is lax.convert_element_type_p:
             casts.append(eqn.outvars[0].aval.dtype)
         atom = eqn.invars[0]
-    return None
 
 
 def _run_predicate(pred, *args):
