@@ -7,8 +7,9 @@ example, so each spelling below is a plain function; a match is re-checked again
 traced at the program's shapes and dtypes. A matmul with only a bias, or a bare matmul, is left
 to XLA (cuBLAS fuses the bias itself; a rewrite would save nothing).
 
-Declined, with the reason in the report: a `dot_general` with a `precision` other than the
-default or a `preferred_element_type` other than its result dtype, and mixed operand dtypes.
+Declined, with the reason in the report (`_shared.precision_problem` at the operands' dtype): a
+`dot_general` with a `precision` other than the default, a `preferred_element_type` or result
+dtype other than its operands', mixed operand dtypes, and float64.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from passes.fusion._shared import described, kernel_choice
+from passes.fusion._shared import described, kernel_choice, precision_problem
 from passes.pattern import (Alt, Capture, Example, Op, PatternRule, RowVector, Wildcard,
                             is_floating, row_values)
 from passes.pipeline import RulePass
@@ -82,28 +83,6 @@ def _kind(b) -> str:
     return next(k for k in ACTIVATION_SPELLINGS if f"activation={k}" in b)
 
 
-def _dot_problem(dot, b) -> str | None:
-    """Why the kernel cannot compute this `dot_general` as the program does, or None."""
-    eqn = b.producer(dot)
-    out_dtype = eqn.outvars[0].aval.dtype
-    x, w = eqn.invars
-    if x.aval.dtype != w.aval.dtype:
-        return f"the matmul mixes {x.aval.dtype} and {w.aval.dtype} operands"
-    if np.dtype(x.aval.dtype).itemsize > 4:
-        return f"the kernel accumulates in float32; this matmul runs in {x.aval.dtype}"
-    precision = eqn.params.get("precision")
-    if precision is not None and any(
-            p not in (None, lax.Precision.DEFAULT)
-            for p in (precision if isinstance(precision, tuple) else (precision,))):
-        return f"dot_general precision={precision} asks for more than the kernel's default"
-    preferred = eqn.params.get("preferred_element_type")
-    if preferred is not None and np.dtype(preferred) != np.dtype(out_dtype):
-        return f"dot_general preferred_element_type={np.dtype(preferred)} differs from its result"
-    if out_dtype != x.aval.dtype:
-        return f"the matmul returns {out_dtype} from {x.aval.dtype} operands"
-    return None
-
-
 def _check_dense(b):
     dot = b["dot"]
     if tuple(b.root.aval.shape) != tuple(dot.aval.shape):
@@ -113,7 +92,7 @@ def _check_dense(b):
     if bias is not None and bias.aval.shape[-1] not in (1, dot.aval.shape[-1]):
         return NoMatch("the bias has {} entries for {} outputs", bias.aval.shape[-1],
                        dot.aval.shape[-1])
-    return _dot_problem(dot, b)
+    return precision_problem(b.producer(dot), operand_dtype=True)
 
 
 def _check_gated(b):
@@ -124,7 +103,8 @@ def _check_gated(b):
     if tuple(b.root.aval.shape) != tuple(gate.aval.shape):
         return NoMatch("the result {} is broadcast beyond the matmul's {}", b.root.aval.shape,
                        gate.aval.shape)
-    return _dot_problem(gate, b) or _dot_problem(up, b)
+    return (precision_problem(b.producer(gate), operand_dtype=True)
+            or precision_problem(b.producer(up), operand_dtype=True))
 
 
 def dense_act_replacement(x, w, b=None, *, activation, out_dtype, implementation):
