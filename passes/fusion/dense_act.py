@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 
 from passes.fusion._shared import described, kernel_choice, precision_problem
-from passes.pattern import (Alt, Capture, Example, Op, PatternRule, RowVector, Wildcard,
+from passes.pattern import (Alt, Capture, Example, PatternRule, Prim, RowVector, Wildcard,
                             is_floating, row_values)
 from passes.pipeline import RulePass
 from passes.rewrite import NoMatch
@@ -60,8 +60,8 @@ def _contracts_last_with_first(dimension_numbers, eqn):
 
 def matmul(x: str, w: str, name: str):
     """`x @ w`: x (..., d_in) floating, w (d_in, d_out); captures the product as `name`."""
-    return Op(lax.dot_general_p, Wildcard(x, dtype=is_floating), Wildcard(w, rank=2), name=name,
-              params={"dimension_numbers": _contracts_last_with_first})
+    return Prim(lax.dot_general_p, Wildcard(x, dtype=is_floating), Wildcard(w, rank=2), name=name,
+                params={"dimension_numbers": _contracts_last_with_first})
 
 
 def activation(h):
@@ -127,9 +127,9 @@ def dense_act_pass(implementation=None, platform=None) -> RulePass:
     `implementation` and `platform`."""
     impl = kernel_choice(implementation, platform)
     dense = matmul("x", "w", "dot")
-    dense = Alt(Op(lax.add_p, dense, RowVector("b"), commutative=True), dense)
-    gated = Op(lax.mul_p, activation(matmul("x", "w_gate", "gate")), matmul("x", "w_up", "up"),
-               commutative=True)
+    dense = Alt(Prim(lax.add_p, dense, RowVector("b"), commutative=True), dense)
+    gated = Prim(lax.mul_p, activation(matmul("x", "w_gate", "gate")), matmul("x", "w_up", "up"),
+                 commutative=True)
 
     def params(b):
         return {"activation": _kind(b), "implementation": impl,
