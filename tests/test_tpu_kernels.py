@@ -54,8 +54,9 @@ def check(fn, reference, arrays, dtype, *, out_dtype=None, nan_rows=None):
     out_shape = jax.eval_shape(fn, *inputs)
     cotangent = np.random.default_rng(7).standard_normal(out_shape.shape).astype(np.float32)
     want, want_grads = _f64(reference, arrays, cotangent)
-    out, vjp = jax.vjp(fn, *inputs)
-    grads = vjp(jnp.asarray(cotangent, out.dtype))
+    # One jitted program: the TPU interpreter's kernels compile once instead of op by op.
+    out, grads = jax.jit(lambda ct, *a: (lambda o, vjp: (o, vjp(ct)))(*jax.vjp(fn, *a)))(
+        jnp.asarray(cotangent, out_shape.dtype), *inputs)
     if nan_rows is not None:  # out-of-range labels: NaN in both, compared elsewhere
         assert np.all(np.isnan(np.asarray(out, np.float32)[nan_rows]))
         assert np.all(np.isnan(want[nan_rows]))

@@ -490,7 +490,10 @@ def _flash_attention(q, k, v, mask, bias, *, causal, scale, config, interpret):
     qt = tt.pad_axis(q.transpose(0, 2, 1, 3), 2, q_pad)
     kt = tt.pad_axis(k.transpose(0, 2, 1, 3), 2, kv_pad)
     vt = tt.pad_axis(v.transpose(0, 2, 1, 3), 2, kv_pad)
-    layout = lambda x: None if x is None else tuple(n != 1 for n in x.shape)
+    # Which axes a mask or bias has in full: batch and heads when their sizes match (size 1
+    # included: such a bias needs no reduction), queries and keys when not 1 (padded like them).
+    layout = lambda x: None if x is None else (  # noqa: E731
+        x.shape[0] == B, x.shape[1] == H, x.shape[2] != 1, x.shape[3] != 1)
     plan = _Plan(group=H // Hkv, q_len=q_len, kv_len=kv_len, block_q=bq, block_k=bk, head_dim=d,
                  scale=scale, causal=causal, mask=layout(mask), bias=layout(bias),
                  interpret=interpret)
