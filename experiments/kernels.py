@@ -1,15 +1,15 @@
 """`python -m experiments.kernels`: every kernel op and implementation, timed in one process.
 
 For each op (attention, layer_norm, rms_norm, dense_act, gated_dense, softmax_cross_entropy,
-linear_cross_entropy) at the reference shapes of docs/BENCHMARKS.md on a GPU, or at small shapes
-on a CPU (where Pallas runs in interpret mode, so its times there say nothing about GPU speed),
-and for each registered implementation, on random inputs:
+linear_cross_entropy) at the reference shapes of docs/BENCHMARKS.md on a GPU or a TPU, or at small
+shapes on a CPU (where Pallas runs in interpret mode, so its times there say nothing about an
+accelerator's speed), and for each registered implementation, on random inputs:
 
 - forward, and forward+backward (the output and the gradients of every float input for a random
   cotangent), each compiled once, warmed up, then the median of several timed trials;
 - the rate: TFLOP/s for matmul-bound ops, GB/s for memory-bound ones, and its fraction of the
   device's ceiling measured in the same run (a bf16 matmul; a read+write copy);
-- the ratio to XLA's time and, for attention, to cuDNN's (above 1 means faster);
+- the ratio to XLA's time and, for attention on a GPU, to cuDNN's (above 1 means faster);
 - the temporary memory XLA reserves for the forward+backward program;
 - which implementation `implementation=None` picks for that call.
 
@@ -19,8 +19,12 @@ recomputes the logits, which the count leaves out); norms read x and write y for
 read x and dy and write dx backward; softmax_cross_entropy reads the logits forward, reads them
 again and writes dlogits backward.
 
+`--platform` (gpu, tpu or cpu; default: PALLAS_KERNELS_PLATFORM, else the default backend) picks
+the kernels' target, as `platform=` of the ops: "tpu" runs the Mosaic kernels (on a CPU, in the
+TPU interpreter). GPU-only implementations (cuDNN) are left out for other platforms.
+
 Usage: python -m experiments.kernels [--ops layer_norm,attention] [--small] [--trials 5]
-                                     [--out results.json]
+                                     [--platform tpu] [--out results.json]
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _dispatch
+from pallas_kernels._target import KernelChoice
 from pallas_kernels.linear_cross_entropy import linear_cross_entropy_op
 from pallas_kernels.dense_act import dense_act_op, gated_dense_op
 from pallas_kernels.layer_norm import layer_norm_op
@@ -139,7 +144,8 @@ def random_inputs(inputs, rng: np.random.Generator) -> list[jax.Array]:
 
 
 def measure_ceilings(small: bool, trials: int) -> dict:
-    """The device's matmul rate (bf16 on a GPU) and copy bandwidth, measured now."""
+    """The device's matmul rate (bf16 on a GPU or TPU, f32 for small shapes) and copy
+    bandwidth, measured now."""
     n, dtype = (1024, jnp.float32) if small else (8192, jnp.bfloat16)
     rng = np.random.default_rng(0)
     a, b = random_inputs([Input((n, n), jnp.dtype(dtype).name)] * 2, rng)
@@ -167,8 +173,12 @@ def _forward_backward(fn: Callable, arrays, cotangent):
     return run
 
 
-def measure_implementation(case: Case, impl: str, arrays, cotangent, trials: int) -> dict:
-    fn = lambda *a: case.op(*a, implementation=impl, **case.kwargs)
+GPU_ONLY = {"cudnn"}  # implementations that exist only on an NVIDIA GPU
+
+
+def measure_implementation(case: Case, impl: str, arrays, cotangent, trials: int,
+                           platform: str | None = None) -> dict:
+    fn = lambda *a: case.op(*a, implementation=impl, platform=platform, **case.kwargs)
     try:
         forward = jax.jit(fn).lower(*arrays).compile()
         both = jax.jit(_forward_backward(fn, arrays, cotangent)).lower(*arrays).compile()
@@ -180,16 +190,19 @@ def measure_implementation(case: Case, impl: str, arrays, cotangent, trials: int
             "temp_bytes": None if memory is None else memory.temp_size_in_bytes}
 
 
-def measure_case(case: Case, ceilings: dict, trials: int, rng) -> dict:
+def measure_case(case: Case, ceilings: dict, trials: int, rng, platform: str | None = None) -> dict:
     arrays = random_inputs(case.inputs, rng)
     out = jax.eval_shape(lambda *a: case.op(*a, implementation="xla", **case.kwargs), *arrays)
     (cotangent,) = random_inputs([Input(out.shape, out.dtype.name)], rng)
     scale = 1e12 if case.unit == "flops" else 1e9
     ceiling = ceilings["matmul_tflops" if case.unit == "flops" else "copy_gbps"]
     impls = {}
+    target = KernelChoice.of(None, platform).platform
     for impl in case.op.impls:
+        if impl in GPU_ONLY and target != "gpu":
+            continue
         try:
-            result = measure_implementation(case, impl, arrays, cotangent, trials)
+            result = measure_implementation(case, impl, arrays, cotangent, trials, platform)
         except Exception as e:  # one broken implementation must not stop the benchmark
             result = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         if "forward_s" in result:
@@ -209,7 +222,8 @@ def measure_case(case: Case, ceilings: dict, trials: int, rng) -> dict:
                     phase: base[f"{phase}_s"] / result[f"{phase}_s"]
                     for phase in ("forward", "forward_backward")}
     try:
-        picked = case.op.candidates(None, tuple(arrays), case.kwargs)[0]
+        picked = case.op.candidates(KernelChoice.of(None, platform), tuple(arrays),
+                                    case.kwargs)[0]
     except Exception as e:  # report, do not stop
         picked = f"({type(e).__name__})"
     return {"op": case.op.name, "shape": case.shape, "unit": case.unit,
@@ -222,33 +236,40 @@ def _fmt(x, spec):
 
 
 def table(results: list[dict]) -> str:
+    """A markdown table; the cuDNN column only where cuDNN was measured (a GPU)."""
+    bases = ["xla"] + ["cudnn"] * any("cudnn" in r["implementations"] for r in results)
+    titles = {"xla": "vs XLA", "cudnn": "vs cuDNN"}
     lines = ["| op | shape | impl | fwd ms | fwd rate | fwd % ceil | fwd+bwd ms | fwd+bwd rate "
-             "| fwd+bwd % ceil | vs XLA fwd / fwd+bwd | vs cuDNN fwd / fwd+bwd | temp MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fwd+bwd % ceil | " + "".join(f"{titles[b]} fwd / fwd+bwd | " for b in bases)
+             + "temp MB |",
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(bases) + "---|"]
     for r in results:
         for impl, m in r["implementations"].items():
             name = impl + (" (None picks)" if impl == r["none_picks"] else "")
             if "forward_s" not in m:
                 reason = m.get("declined") or m.get("failed")
-                lines.append(f"| {r['op']} | {r['shape']} | {name} | {reason} ||||||||| ")
+                lines.append(f"| {r['op']} | {r['shape']} | {name} | {reason} |"
+                             + "|" * (7 + len(bases)) + " ")
                 continue
-            ratios = []
-            for base in ("xla", "cudnn"):
+            ratios = ""
+            for base in bases:
                 v = m.get(f"vs_{base}")
-                ratios.append("-" if v is None else
-                              f"{v['forward']:.2f} / {v['forward_backward']:.2f}")
+                ratios += ("-" if v is None else
+                           f"{v['forward']:.2f} / {v['forward_backward']:.2f}") + " | "
             temp = None if m["temp_bytes"] is None else m["temp_bytes"] / 2**20
             lines.append(
                 f"| {r['op']} | {r['shape']} | {name} | {m['forward_s'] * 1e3:.3f} | "
                 f"{m['forward_rate']:.3g} {r['rate_unit']} | {m['forward_of_ceiling']:.0%} | "
                 f"{m['forward_backward_s'] * 1e3:.3f} | {m['forward_backward_rate']:.3g} "
-                f"{r['rate_unit']} | {m['forward_backward_of_ceiling']:.0%} | {ratios[0]} | "
-                f"{ratios[1]} | {_fmt(temp, '.0f')} |")
+                f"{r['rate_unit']} | {m['forward_backward_of_ceiling']:.0%} | {ratios}"
+                f"{_fmt(temp, '.0f')} |")
     return "\n".join(lines)
 
 
-def run(groups=tuple(CASE_GROUPS), small: bool | None = None, trials: int = 5) -> dict:
+def run(groups=tuple(CASE_GROUPS), small: bool | None = None, trials: int = 5,
+        platform: str | None = None) -> dict:
     device = jax.devices()[0]
+    choice = KernelChoice.of(None, platform)
     if small is None:
         small = device.platform == "cpu"
     dtype = "float32" if small else "bfloat16"
@@ -259,10 +280,11 @@ def run(groups=tuple(CASE_GROUPS), small: bool | None = None, trials: int = 5) -
     for group in groups:
         for case in CASE_GROUPS[group](small, dtype):
             print(f"  {case.op.name} {case.shape} ...", file=sys.stderr, flush=True)
-            results.append(measure_case(case, ceilings, trials, rng))
+            results.append(measure_case(case, ceilings, trials, rng, platform))
     return {"device": device.device_kind, "platform": device.platform,
+            "kernel_platform": choice.platform,
             "jax": jax.__version__, "small_shapes": small, "dtype": dtype,
-            "interpret_mode_pallas": device.platform == "cpu", "trials": trials,
+            "interpret_mode_pallas": choice.interpret, "trials": trials,
             "ceilings": ceilings, "results": results, "seconds": time.time() - started}
 
 
@@ -273,19 +295,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--small", action="store_true",
                         help="small shapes (the default on CPU)")
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--platform", choices=("gpu", "tpu", "cpu"),
+                        help="the kernels' target (default: PALLAS_KERNELS_PLATFORM, else the "
+                             "default backend)")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     groups = [g.strip() for g in args.ops.split(",") if g.strip()]
     unknown = [g for g in groups if g not in CASE_GROUPS]
     if unknown:
         parser.error(f"unknown --ops {unknown}; choose from {list(CASE_GROUPS)}")
-    payload = run(groups, small=True if args.small else None, trials=args.trials)
+    payload = run(groups, small=True if args.small else None, trials=args.trials,
+                  platform=args.platform)
     c = payload["ceilings"]
-    print(f"{payload['device']} ({payload['platform']}), jax {payload['jax']}, "
+    print(f"{payload['device']} ({payload['platform']}), kernels for "
+          f"{payload['kernel_platform']}, jax {payload['jax']}, "
           f"{payload['dtype']}; ceilings: {c['matmul']} matmul {c['matmul_tflops']:.3g} TFLOP/s, "
           f"copy {c['copy_gbps']:.3g} GB/s")
     if payload["interpret_mode_pallas"]:
-        print("Pallas kernels run in interpret mode here: their times are not GPU speeds.")
+        print("Pallas kernels run in interpret mode here: their times are not accelerator "
+              "speeds.")
     print(table(payload["results"]))
     if args.out:
         with open(args.out, "w") as f:

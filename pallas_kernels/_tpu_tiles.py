@@ -8,12 +8,15 @@ Wrappers pad arrays to whole blocks and the kernels mask what the padding would 
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _pallas_compat as compat  # noqa: F401 (kernel files use tt.compat)
+from pallas_kernels._dispatch import tuned_config
+from pallas_kernels._target import current
 
 LANES = 128
 VMEM_BUDGET = 16 << 20  # bytes of VMEM one kernel may use: every TPU generation has this much
@@ -31,6 +34,26 @@ def sublanes(*dtypes) -> int:
 def fit(dim: int, cap: int, granule: int) -> int:
     """A block size for `dim`: a multiple of `granule`, at most `cap` (itself a multiple)."""
     return min(cap, round_up(max(dim, 1), granule))
+
+
+def block_options(dim: int, caps: Iterable[int], granule: int) -> list[int]:
+    """The distinct `fit(dim, cap, granule)` over `caps`, ascending: candidate block sizes."""
+    return sorted({fit(dim, cap, granule) for cap in caps})
+
+
+def within_budget(default, candidates: Iterable, vmem: Callable[..., int]) -> list:
+    """A config search space: `default` and then `candidates`, without repeats, keeping those
+    whose VMEM estimate `vmem(config)` fits VMEM_BUDGET."""
+    return [c for c in dict.fromkeys([default, *candidates]) if vmem(c) <= VMEM_BUDGET]
+
+
+def tuned(what: str, run: Callable, args, kwargs, space: Sequence, default):
+    """`_dispatch.tuned_config` for a Mosaic kernel: the config in `space` measured fastest on
+    this host's TPU; `default` where the kernels cannot be timed here (interpret mode, or lowered
+    for a TPU this host lacks)."""
+    if not current().on_host:
+        return default
+    return tuned_config(what, run, args, kwargs, space, default)
 
 
 def pad_axis(x, axis: int, size: int, value=0):

@@ -7,8 +7,9 @@ produce it. Building blocks:
   the same value. Constraints: `rank=`, `dtype=`, `shape=` (None entries are free), `where=`.
 - `Lit(value)`: a scalar constant, compared with a float tolerance (also seen through
   `broadcast_in_dim`/`reshape`/`convert_element_type` of a literal); `Lit(name="eps")` captures it.
-- `Op(primitive, *operands, params={...}, commutative=True)`: an equation and its operands;
-  parameters are compared to values or checked by predicates `fn(value, eqn) -> True | str`.
+- `Prim(primitive, *operands, params={...}, commutative=True)`: an equation of a primitive and its
+  operands; parameters are compared to values or checked by predicates
+  `fn(value, eqn) -> True | str`.
 - `Alt(a, b)` (or `a | b`), `maybe_cast(p)`, `Capture(name, p)`, `Same(name)`,
   `Product(*factors)` (a product of factors in any order and association, divisions included;
   factors may be `Inverse(p)` (a divisor) or `OptionalFactor(p)`; both are rejected anywhere
@@ -117,11 +118,12 @@ _CONSTANT_CHAIN = (lax.broadcast_in_dim_p, lax.reshape_p, lax.convert_element_ty
 
 
 def literal_value(region, atom):
-    """The float value of a uniform constant: a scalar literal, possibly broadcast, reshaped or
-    cast by equations (which are read, not consumed; casts round the value as they would).
-    None for anything else."""
+    """The Python float of a uniform constant, else None: a literal (a scalar, or an array of one
+    repeated value), possibly broadcast, reshaped or cast by equations (which are read, not
+    consumed; casts round the value as they would). The one reading of "the constant scalar value
+    of this atom" for patterns and the fusion passes alike."""
     casts = []
-    for _ in range(8):
+    while True:
         if isinstance(atom, C.Literal):
             v = atom.val
             if not casts and (isinstance(v, (int, float, np.number, np.bool_))
@@ -143,7 +145,6 @@ def literal_value(region, atom):
         if eqn.primitive is lax.convert_element_type_p:
             casts.append(eqn.outvars[0].aval.dtype)
         atom = eqn.invars[0]
-    return None
 
 
 def _run_predicate(pred, *args):
@@ -335,7 +336,7 @@ def _no_factor_marker(pattern, where: str):
     return pattern
 
 
-class Op(Pattern):
+class Prim(Pattern):
     """An equation applying `primitive` (or one of a tuple) whose operands match `operands`.
 
     Args:
@@ -545,9 +546,9 @@ class Where(Pattern):
         return True
 
 
-def Cast(pattern: Pattern, dtype=None, name: str | None = None) -> Op:
+def Cast(pattern: Pattern, dtype=None, name: str | None = None) -> Prim:
     """A `convert_element_type` (to `dtype`, when given) of `pattern`."""
-    return Op(lax.convert_element_type_p, pattern, name=name, dtype=dtype)
+    return Prim(lax.convert_element_type_p, pattern, name=name, dtype=dtype)
 
 
 def maybe_cast(pattern: Pattern) -> Pattern:
@@ -931,7 +932,7 @@ class PatternRule(Rule):
         _no_factor_marker(pattern, f"the pattern of rule {name!r}")
         roots = pattern.root_primitives()
         if not roots:
-            raise ValueError(f"rule {name!r}: the pattern must be rooted at an operation (Op, "
+            raise ValueError(f"rule {name!r}: the pattern must be rooted at an operation (Prim, "
                              f"Product, Example...) so that matching can be anchored")
         self.name, self.pattern, self.replacement = name, pattern, replacement
         self.roots, self.priority = tuple(sorted(roots, key=lambda p: p.name)), priority
@@ -1131,8 +1132,8 @@ class Example(Pattern):
                 prims = eqn.primitive
                 if prims in (lax.mul_p, lax.div_p) and isinstance(eqn.invars[1], C.Literal):
                     prims = (lax.mul_p, lax.div_p)  # x * c also matches x / (1/c): see _Compare
-                built[v] = Op(prims, *[build(a) for a in eqn.invars], name=name,
-                              commutative=eqn.primitive in _COMMUTATIVE and len(eqn.invars) == 2)
+                built[v] = Prim(prims, *[build(a) for a in eqn.invars], name=name,
+                                commutative=eqn.primitive in _COMMUTATIVE and len(eqn.invars) == 2)
             return built[v]
 
         self.structure = build(jaxpr.outvars[0])
@@ -1319,8 +1320,8 @@ def _params_differ(want: dict, have: dict, rtol: float):
 
 
 __all__ = [
-    "Alt", "Bindings", "Capture", "Cast", "Example", "Inverse", "Keep", "Lit", "Op",
-    "OptionalFactor", "Pattern", "PatternRule", "Product", "RowVector", "Same", "State",
+    "Alt", "Bindings", "Capture", "Cast", "Example", "Inverse", "Keep", "Lit",
+    "OptionalFactor", "Pattern", "PatternRule", "Prim", "Product", "RowVector", "Same", "State",
     "Wildcard", "fresh",
     "is_floating", "literal_value", "maybe_cast", "row_values",
 ]

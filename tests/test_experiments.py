@@ -524,3 +524,18 @@ def test_engine_cost_summary_arithmetic():
     assert s["xla_compile_growth"] == pytest.approx(2.0)
     assert s["equations_growth"] == pytest.approx(4.0)
     assert s["max_ratio"] == pytest.approx(0.05) and s["ratio_ok"]
+
+
+# -- python -m experiments.kernels for a TPU, on a CPU through the TPU interpreter ------------
+
+def test_kernel_benchmark_runs_for_tpu(capsys):
+    from experiments import kernels
+    payload = kernels.main(["--small", "--ops", "norms", "--platform", "tpu", "--trials", "1"])
+    assert payload["kernel_platform"] == "tpu"
+    assert payload["interpret_mode_pallas"] == (jax.default_backend() != "tpu")
+    printed = capsys.readouterr().out
+    assert [r["op"] for r in payload["results"]] == ["layer_norm", "rms_norm"]
+    for r in payload["results"]:
+        assert r["implementations"]["pallas"]["forward_backward_s"] > 0, r
+        assert f"| {r['op']} | {r['shape']} | pallas |" in printed
+    assert "cuDNN" not in printed  # a GPU-only column

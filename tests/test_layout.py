@@ -75,3 +75,27 @@ def test_readme_links_the_docs():
                 "docs/writing_kernels.md"):
         assert (ROOT / doc).is_file(), doc
         assert f"]({doc})" in readme, f"README.md does not link {doc}"
+
+
+MAX_LINES = 750
+
+
+def test_fusion_and_kernel_modules_stay_short():
+    # A module past this reads as two; split it where the data flow splits (see
+    # passes/fusion/_softmax.py, _masks.py).
+    long = []
+    for path in _repository_files(".py"):
+        if path.startswith(("passes/fusion/", "pallas_kernels/")):
+            n = len((ROOT / path).read_text().splitlines())
+            if n > MAX_LINES:
+                long.append(f"{path}: {n} lines")
+    assert not long, f"modules over {MAX_LINES} lines:\n" + "\n".join(long)
+
+
+def test_pattern_has_no_op():
+    # The pattern matching one equation is `pattern.Prim`; `Op` is the kernel dispatcher
+    # `pallas_kernels.Op`, and one name must not mean both.
+    import passes.pattern as pattern
+
+    assert not hasattr(pattern, "Op") and "Op" not in pattern.__all__
+    assert "Prim" in pattern.__all__

@@ -7,9 +7,9 @@ from jax import lax
 
 import passes
 from passes.ir import Region
-from passes.pattern import (Alt, Capture, Cast, Example, Inverse, Keep, Lit, Op, OptionalFactor,
-                            PatternRule, Product, RowVector, Same, State, Wildcard, maybe_cast,
-                            row_values)
+from passes.pattern import (Alt, Capture, Cast, Example, Inverse, Keep, Lit, OptionalFactor,
+                            PatternRule, Prim, Product, RowVector, Same, State, Wildcard,
+                            maybe_cast, row_values)
 
 
 def region_of(fn, *args, canonical=True):
@@ -39,13 +39,13 @@ def test_op_params_and_captures():
         want = (eqn.invars[0].aval.ndim - 1,)
         return True if tuple(axes) == want else f"{tuple(axes)} != {want}"
 
-    pattern = Op(lax.reduce_sum_p, Op(lax.exp_p, Wildcard("x")), params={"axes": last}, name="s")
+    pattern = Prim(lax.reduce_sum_p, Prim(lax.exp_p, Wildcard("x")), params={"axes": last}, name="s")
     ok, st = match_out(pattern, lambda x: jnp.exp(x).sum(-1), X)
     assert ok and prims_of(st) == ["exp", "reduce_sum"]
     assert st.bindings["x"] is st.region.invars[0]
     bad, st = match_out(pattern, lambda x: jnp.exp(x).sum(1), X)
     assert not bad and bad.reason == "reduce_sum axes (1,) != (2,)"
-    fixed = Op(lax.reduce_sum_p, Wildcard(), params={"axes": (1,)})
+    fixed = Prim(lax.reduce_sum_p, Wildcard(), params={"axes": (1,)})
     assert match_out(fixed, lambda x: x.sum(1), X)[0]
     assert match_out(fixed, lambda x: x.sum(2), X)[0].reason == "reduce_sum axes (2,) != (1,)"
 
@@ -55,54 +55,54 @@ def test_wildcard_constraints_and_reasons():
         return jnp.exp(x)
 
     for pattern, reason in [
-        (Op(lax.exp_p, Wildcard("x", rank=2)), "x rank 3 != 2"),
-        (Op(lax.exp_p, Wildcard("x", dtype=jnp.bfloat16)), "x dtype float32 != bfloat16"),
-        (Op(lax.exp_p, Wildcard("x", shape=(None, 3, 7))), "x shape (2, 3, 8) != (None, 3, 7)"),
-        (Op(lax.exp_p, Wildcard("x", where=lambda a, b: a.aval.shape[0] == 5 or "batch is not 5")),
+        (Prim(lax.exp_p, Wildcard("x", rank=2)), "x rank 3 != 2"),
+        (Prim(lax.exp_p, Wildcard("x", dtype=jnp.bfloat16)), "x dtype float32 != bfloat16"),
+        (Prim(lax.exp_p, Wildcard("x", shape=(None, 3, 7))), "x shape (2, 3, 8) != (None, 3, 7)"),
+        (Prim(lax.exp_p, Wildcard("x", where=lambda a, b: a.aval.shape[0] == 5 or "batch is not 5")),
          "x batch is not 5"),
-        (Op(lax.log_p, Wildcard()), "expected `log`, got `exp`"),
+        (Prim(lax.log_p, Wildcard()), "expected `log`, got `exp`"),
     ]:
         r, _ = match_out(pattern, f, X)
         assert not r and r.reason == reason
-    assert match_out(Op(lax.exp_p, Wildcard("x", rank=3, dtype=jnp.float32, shape=(2, None, 8))), f,
+    assert match_out(Prim(lax.exp_p, Wildcard("x", rank=3, dtype=jnp.float32, shape=(2, None, 8))), f,
                      X)[0]
 
 
 def test_same_name_means_same_value():
-    both = Op(lax.sub_p, Wildcard("a"), Wildcard("a"))
+    both = Prim(lax.sub_p, Wildcard("a"), Wildcard("a"))
     assert match_out(both, lambda x: x - x, X, canonical=False)[0]
     r, _ = match_out(both, lambda x, y: x - y, X, X)
     assert not r and "a is a float32[2,3,8] value here but a float32[2,3,8] value before" in r.reason
-    assert match_out(Op(lax.sub_p, Wildcard("a"), Same("a")), lambda x: x - x, X, canonical=False)[0]
+    assert match_out(Prim(lax.sub_p, Wildcard("a"), Same("a")), lambda x: x - x, X, canonical=False)[0]
 
 
 def test_literals_with_tolerance_and_capture():
     f5 = lambda x: x + 1e-5  # noqa: E731  (rounded to float32: 9.99999974e-06)
-    assert match_out(Op(lax.add_p, Wildcard(), Lit(1e-5)), f5, X)[0]
-    r, _ = match_out(Op(lax.add_p, Wildcard(), Lit(1e-6)), f5, X)
+    assert match_out(Prim(lax.add_p, Wildcard(), Lit(1e-5)), f5, X)[0]
+    r, _ = match_out(Prim(lax.add_p, Wildcard(), Lit(1e-6)), f5, X)
     assert not r and r.reason == "constant 1e-05 != 1e-06"
-    ok, st = match_out(Op(lax.add_p, Wildcard(), Lit(name="eps")), f5, X)
+    ok, st = match_out(Prim(lax.add_p, Wildcard(), Lit(name="eps")), f5, X)
     assert ok and st.bindings["eps"] == pytest.approx(1e-5, rel=1e-7)
     # Seen through broadcasts (not consumed): x - zeros.
-    ok, st = match_out(Op(lax.sub_p, Wildcard(), Lit(0.0)), lambda x: x - jnp.zeros_like(x), X)
+    ok, st = match_out(Prim(lax.sub_p, Wildcard(), Lit(0.0)), lambda x: x - jnp.zeros_like(x), X)
     assert ok and prims_of(st) == ["sub"]
 
 
 def test_alternatives_and_commutative_operands():
-    exp_plus = Op(lax.add_p, Op(lax.exp_p, Wildcard("x")), Wildcard("y"), commutative=True)
+    exp_plus = Prim(lax.add_p, Prim(lax.exp_p, Wildcard("x")), Wildcard("y"), commutative=True)
     # Raw traces keep the operand order as written.
     assert match_out(exp_plus, lambda x, y: jnp.exp(x) + y, X, X, canonical=False)[0]
     assert match_out(exp_plus, lambda x, y: y + jnp.exp(x), X, X, canonical=False)[0]
-    ordered = Op(lax.add_p, Op(lax.exp_p, Wildcard("x")), Wildcard("y"))
+    ordered = Prim(lax.add_p, Prim(lax.exp_p, Wildcard("x")), Wildcard("y"))
     assert not match_out(ordered, lambda x, y: y + jnp.exp(x), X, X, canonical=False)[0]
-    either = Op(lax.exp_p, Wildcard()) | Op(lax.log_p, Wildcard())
+    either = Prim(lax.exp_p, Wildcard()) | Prim(lax.log_p, Wildcard())
     assert match_out(either, jnp.log, X)[0] and match_out(either, jnp.exp, X)[0]
     r, _ = match_out(either, jnp.sin, X)
     assert not r and r.reason == "expected `exp|log`, got `sin`"
 
 
 def test_optional_casts():
-    pattern = Op(lax.exp_p, maybe_cast(Wildcard("x")))
+    pattern = Prim(lax.exp_p, maybe_cast(Wildcard("x")))
     ok, st = match_out(pattern, lambda x: jnp.exp(x.astype(jnp.float32)), X.astype(jnp.bfloat16))
     assert ok and st.bindings["x"].aval.dtype == jnp.bfloat16
     assert prims_of(st) == ["convert_element_type", "exp"]
@@ -112,7 +112,7 @@ def test_optional_casts():
 
 
 def test_product_any_order_association_and_division():
-    norm = Product(Op(lax.sub_p, Wildcard("x"), Wildcard("m")), Op(lax.rsqrt_p, Wildcard("v")),
+    norm = Product(Prim(lax.sub_p, Wildcard("x"), Wildcard("m")), Prim(lax.rsqrt_p, Wildcard("v")),
                    OptionalFactor(RowVector("scale")))
     spellings = [
         lambda x, m, v, w: (x - m) * lax.rsqrt(v) * w,
@@ -127,7 +127,7 @@ def test_product_any_order_association_and_division():
         assert prims_of(st) == ["mul", "mul", "rsqrt", "sub"]  # the scale's broadcast is read only
     ok, st = match_out(norm, lambda x, m, v: (x - m) * lax.rsqrt(v), X, X, X)
     assert ok and "scale" not in st.bindings
-    divided = Product(Op(lax.sub_p, Wildcard("x"), Wildcard("m")), Inverse(Op(lax.sqrt_p, Wildcard("v"))),
+    divided = Product(Prim(lax.sub_p, Wildcard("x"), Wildcard("m")), Inverse(Prim(lax.sqrt_p, Wildcard("v"))),
                       OptionalFactor(RowVector("scale")))
     assert match_out(divided, lambda x, m, v, w: (x - m) / jnp.sqrt(v) * w, X, X, X, W)[0]
     assert match_out(divided, lambda x, m, v, w: w * (x - m) / jnp.sqrt(v), X, X, X, W)[0]
@@ -138,7 +138,7 @@ def test_product_any_order_association_and_division():
 
 
 def test_row_vector_does_not_take_other_broadcasts():
-    mul_row = Op(lax.mul_p, Wildcard("x"), RowVector("w"), commutative=True)
+    mul_row = Prim(lax.mul_p, Wildcard("x"), RowVector("w"), commutative=True)
     ok, st = match_out(mul_row, lambda x, w: x * w, X, W)
     assert ok and st.bindings["w"] is st.region.invars[1]
     ok, st = match_out(mul_row, lambda x, w: x * w.reshape(1, 1, 8), X, W)
@@ -163,7 +163,7 @@ def test_row_vector_does_not_take_other_broadcasts():
 
 
 def test_keep_accepts_only_trailing_keepdims():
-    stat = Keep(Op(lax.reduce_sum_p, Wildcard("x")))
+    stat = Keep(Prim(lax.reduce_sum_p, Wildcard("x")))
     for fn in (lambda x: x.sum(-1, keepdims=True), lambda x: x.sum(-1)[..., None],
                lambda x: x.sum(-1)):
         assert match_out(stat, fn, X)[0]
@@ -177,7 +177,7 @@ def _times_two(x):
 
 def test_rule_reports_consumed_equations_and_declines():
     # y = exp(x) + 1; the rule covers add and exp, reads x.
-    pattern = Op(lax.add_p, Op(lax.exp_p, Wildcard("x"), name="e"), Lit(1.0))
+    pattern = Prim(lax.add_p, Prim(lax.exp_p, Wildcard("x"), name="e"), Lit(1.0))
     rule = PatternRule("exp_plus_one", pattern, lambda x: jnp.exp(x) + 1, inputs=("x",))
     region = region_of(lambda x: jnp.exp(x) + 1.0, X)
     m = rule.match(region, len(region.eqns) - 1)
@@ -199,7 +199,7 @@ def _exp_plus_one(x):
 
 
 def test_engine_declines_when_an_intermediate_is_used_elsewhere():
-    rule = PatternRule("exp_plus_one", Op(lax.add_p, Op(lax.exp_p, Wildcard("x")), Lit(1.0)),
+    rule = PatternRule("exp_plus_one", Prim(lax.add_p, Prim(lax.exp_p, Wildcard("x")), Lit(1.0)),
                        _exp_plus_one, inputs=("x",))
     pipe = passes.Pipeline(passes.cleanup_passes() + [passes.RulePass("fuse", [rule])])
     report = passes.explain(lambda x: jnp.exp(x) + 1.0, X, pipeline=pipe)
@@ -217,8 +217,8 @@ def _moments(x):
 
 def test_multi_output_rule():
     """One replacement defines two values the program uses: the mean and the centered x."""
-    mean = Op(lax.div_p, Keep(Op(lax.reduce_sum_p, Same("x"))), Lit(8.0), name="mean")
-    rule = PatternRule("moments", Op(lax.sub_p, Wildcard("x"), mean, name="centered"), _moments,
+    mean = Prim(lax.div_p, Keep(Prim(lax.reduce_sum_p, Same("x"))), Lit(8.0), name="mean")
+    rule = PatternRule("moments", Prim(lax.sub_p, Wildcard("x"), mean, name="centered"), _moments,
                        inputs=("x",), outputs=("mean", "centered"))
 
     def f(x):
@@ -242,8 +242,8 @@ def test_near_misses_name_the_failing_subpattern():
         want = (eqn.invars[0].aval.ndim - 1,)
         return True if tuple(axes) == want else f"{tuple(axes)} != {want}"
 
-    rule = PatternRule("exp_sum", Op(lax.reduce_sum_p, Op(lax.exp_p, Wildcard("x")),
-                                     params={"axes": last}), lambda x: jnp.exp(x).sum(-1),
+    rule = PatternRule("exp_sum", Prim(lax.reduce_sum_p, Prim(lax.exp_p, Wildcard("x")),
+                                       params={"axes": last}), lambda x: jnp.exp(x).sum(-1),
                        inputs=("x",))
     pipe = passes.Pipeline(passes.cleanup_passes() + [passes.RulePass("p", [rule])], debug=True)
     report = passes.explain(lambda x: jnp.exp(x).sum(1), X, pipeline=pipe)
@@ -287,7 +287,7 @@ def test_example_shared_values_and_input_patterns():
     assert match_out(silu, jax.nn.silu, X)[0]
     r, _ = match_out(silu, lambda a, b: a * jax.nn.sigmoid(b), X, X)
     assert not r
-    on_exp = Example(lambda h: h * jax.nn.sigmoid(h), SPEC, h=Op(lax.exp_p, Wildcard("z")))
+    on_exp = Example(lambda h: h * jax.nn.sigmoid(h), SPEC, h=Prim(lax.exp_p, Wildcard("z")))
     ok, st = match_out(on_exp, lambda z: jax.nn.silu(jnp.exp(z)), X)
     assert ok and st.bindings["z"] is st.region.invars[0]
     assert prims_of(st) == ["exp", "logistic", "mul"]
@@ -334,7 +334,7 @@ def _stable_softplus(x):
 # -- authoring mistakes are caught when the rule is built ------------------------------------------
 
 def test_rule_input_never_captured_raises_naming_the_captures():
-    pattern = Op(lax.add_p, Op(lax.exp_p, Wildcard("x")), Lit(1.0, name="one"))
+    pattern = Prim(lax.add_p, Prim(lax.exp_p, Wildcard("x")), Lit(1.0, name="one"))
     with pytest.raises(ValueError, match=r"inputs name 'xx' is never captured by the pattern; "
                                          r"it captures \['x'\]"):
         PatternRule("typo", pattern, _times_two, inputs=("xx",))
@@ -346,19 +346,19 @@ def test_rule_input_never_captured_raises_naming_the_captures():
     with pytest.raises(ValueError, match=r"it captures \['x'\]"):
         PatternRule("softplus", softplus, _stable_softplus, inputs=("h",))
     # an absent OptionalFactor's capture is a legitimate input (it may be left out)
-    norm = Product(Op(lax.sub_p, Wildcard("x"), Wildcard("m")), OptionalFactor(RowVector("s")))
+    norm = Product(Prim(lax.sub_p, Wildcard("x"), Wildcard("m")), OptionalFactor(RowVector("s")))
     PatternRule("scaled", norm, _times_two, inputs=("x", "m", "s"))
 
 
 @pytest.mark.parametrize("build", [
-    lambda: Op(lax.exp_p, Inverse(Wildcard("x"))),
-    lambda: Op(lax.exp_p, OptionalFactor(Wildcard("x"))),
-    lambda: Op(lax.exp_p, Alt(Inverse(Wildcard("x")), Wildcard("x"))),
+    lambda: Prim(lax.exp_p, Inverse(Wildcard("x"))),
+    lambda: Prim(lax.exp_p, OptionalFactor(Wildcard("x"))),
+    lambda: Prim(lax.exp_p, Alt(Inverse(Wildcard("x")), Wildcard("x"))),
     lambda: Capture("c", OptionalFactor(Wildcard("x"))),
     lambda: Keep(Inverse(Wildcard("x"))),
     lambda: Inverse(Wildcard("x")).where(lambda a, b: True),
     lambda: Example(lambda h: jnp.exp(h), SPEC, h=Inverse(Wildcard("x"))),
-    lambda: PatternRule("r", Inverse(Op(lax.exp_p, Wildcard("x"))), _times_two, inputs=("x",)),
+    lambda: PatternRule("r", Inverse(Prim(lax.exp_p, Wildcard("x"))), _times_two, inputs=("x",)),
     lambda: Inverse(OptionalFactor(Wildcard("x"))),
 ], ids=["op_operand", "optional_operand", "alt_operand", "capture", "keep", "where", "example",
         "rule_root", "inverse_of_optional"])
@@ -368,8 +368,8 @@ def test_factor_markers_outside_a_product_rejected_at_construction(build):
 
 
 def test_factor_markers_inside_a_product_still_work():
-    divided = Product(Op(lax.sub_p, Wildcard("x"), Wildcard("m")),
-                      Alt(Inverse(Op(lax.sqrt_p, Wildcard("v"))), Op(lax.rsqrt_p, Wildcard("v"))),
+    divided = Product(Prim(lax.sub_p, Wildcard("x"), Wildcard("m")),
+                      Alt(Inverse(Prim(lax.sqrt_p, Wildcard("v"))), Prim(lax.rsqrt_p, Wildcard("v"))),
                       OptionalFactor(Inverse(RowVector("s"))))
     assert match_out(divided, lambda x, m, v: (x - m) / jnp.sqrt(v), X, X, X)[0]
     assert match_out(divided, lambda x, m, v: (x - m) * lax.rsqrt(v), X, X, X)[0]

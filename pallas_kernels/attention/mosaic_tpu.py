@@ -10,11 +10,17 @@ query blocks), the last axis a reduction), both recomputing probabilities from t
 Grouped-query attention is in the index maps (query head h reads kv head h // group). Causal
 grids skip the compute of blocks above the diagonal, and their key/value index maps repeat the
 last needed block so that no DMA is spent on skipped ones. Sequences are padded to whole blocks
-and the padding masked; rows without keys give zeros. The bias gradient is the dQ kernel's dS
-tiles (float32, (batch, heads, q, kv)) summed over the axes the bias broadcasts along.
+and the padding masked; rows without keys give zeros. A full-size bias's gradient is the dQ
+kernel's dS tiles, written in the (padded) bias's dtype. A bias that broadcasts along some axes
+gets its gradient from a dbias kernel whose grid puts those axes last, as reductions into a float32
+VMEM accumulator (its own tiles recompute dS), so no full-size dS array exists.
+
+Block sizes: `AttentionTpuConfig` (query and key block); `config_space` lists the tilings
+`tuned_config` times on a TPU, `vmem_bytes` estimates a config's VMEM use.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -59,9 +65,47 @@ class _Plan(NamedTuple):
         return self.kv_len % self.block_k != 0
 
 
-def blocks(q_len: int, kv_len: int, dtype) -> tuple[int, int]:
-    """(block_q, block_k): 128 x 128 tiles, smaller query blocks for short sequences."""
-    return tt.fit(q_len, 128, tt.sublanes(dtype)), tt.fit(kv_len, 128, tt.LANES)
+@dataclasses.dataclass(frozen=True)
+class AttentionTpuConfig:
+    """Block sizes of the TPU attention kernels (forward and backward alike)."""
+    block_q: int  # query rows per block: a multiple of the dtype's sublane granule
+    block_k: int  # keys per block: a multiple of 128
+
+
+def default_config(q_len: int, kv_len: int, dtype) -> AttentionTpuConfig:
+    """128 x 128 tiles, smaller query blocks for short sequences."""
+    return AttentionTpuConfig(tt.fit(q_len, 128, tt.sublanes(dtype)), tt.fit(kv_len, 128, tt.LANES))
+
+
+def _vmem_parts(config: AttentionTpuConfig, head_dim: int, dtype, extra_dtypes) -> tuple[int, int]:
+    """(forward, backward) VMEM estimates; the dbias kernel needs less than the dQ one."""
+    bq, bk, d = config.block_q, config.block_k, head_dim
+    extras = [((bq, bk), e) for e in extra_dtypes]
+    forward = (tt.block_bytes(((bq, d), dtype), ((bk, d), dtype), ((bk, d), dtype),
+                              ((bq, d), dtype), *extras, ((bq, 2), _F32))
+               + tt.scratch_bytes(((bq, d + 2), _F32)) + 3 * bq * bk * 4)
+    backward = (tt.block_bytes(((bq, d), dtype), ((bk, d), dtype), ((bk, d), dtype),
+                               ((bq, d), dtype), ((bq, d), dtype), ((bk, d), dtype),
+                               ((bk, d), dtype), ((bq, bk), _F32), *extras, ((bq, 3), _F32))
+                + tt.scratch_bytes(((2 * bk + bq, d), _F32)) + 4 * bq * bk * 4)
+    return forward, backward
+
+
+def vmem_bytes(config: AttentionTpuConfig, head_dim: int, dtype, extra_dtypes=()) -> int:
+    """VMEM estimate of the largest kernel, forward or backward; `extra_dtypes`: the in-kernel
+    dtypes of a mask (int32) and a bias (float32) when present (counted as full tiles)."""
+    return max(_vmem_parts(config, head_dim, dtype, extra_dtypes))
+
+
+def config_space(q_len: int, kv_len: int, head_dim: int, dtype,
+                 extra_dtypes=()) -> list[AttentionTpuConfig]:
+    """The default and every (128 | 256 | 512)^2 tiling fitted to the sequences, within VMEM."""
+    caps = (128, 256, 512)
+    return tt.within_budget(
+        default_config(q_len, kv_len, dtype),
+        [AttentionTpuConfig(bq, bk) for bq in tt.block_options(q_len, caps, tt.sublanes(dtype))
+         for bk in tt.block_options(kv_len, caps, tt.LANES)],
+        lambda c: vmem_bytes(c, head_dim, dtype, extra_dtypes))
 
 
 def _div(a, b: int):
@@ -178,10 +222,8 @@ def _forward(q, k, v, mask, bias, plan: _Plan):
                            lambda b, h, i, j: (b, _div(h, g), _kv_index(plan, i, j), 0))
     stat_spec = pl.BlockSpec((sq, sq, bq, 1), lambda b, h, i, j: (b, h, i, 0))
     extras = [(a, lay) for a, lay in ((mask, plan.mask), (bias, plan.bias)) if lay is not None]
-    vmem = tt.check_vmem("attention forward", tt.block_bytes(
-        ((bq, d), q.dtype), ((bk, d), q.dtype), ((bk, d), q.dtype), ((bq, d), q.dtype),
-        *(((bq, bk), a.dtype) for a, _ in extras), ((bq, 2), _F32))
-        + tt.scratch_bytes(((bq, d + 2), _F32)) + 3 * bq * bk * 4)
+    vmem = tt.check_vmem("attention forward", _vmem_parts(
+        AttentionTpuConfig(bq, bk), d, q.dtype, [a.dtype for a, _ in extras])[0])
     stat_shape = jax.ShapeDtypeStruct((B, H, q_pad, 1), _F32)
     out, m, inv_l = tt.pallas_call(
         functools.partial(_fwd_kernel, plan=plan),
@@ -214,7 +256,7 @@ def _grads_of_tile(plan: _Plan, q, k, v, do, m, inv_l, delta, mask_ref, bias_ref
 def _dq_kernel(*refs, plan: _Plan):
     q_ref, k_ref, v_ref, mask_ref, bias_ref, rest = _split(refs, plan)
     do_ref, m_ref, inv_l_ref, delta_ref, dq_ref, *rest = rest
-    ds_ref = rest.pop(0) if plan.bias is not None else None
+    ds_ref = rest.pop(0) if _full_bias(plan) else None
     (acc_ref,) = rest
     i, j = pl.program_id(2), pl.program_id(3)
 
@@ -229,7 +271,7 @@ def _dq_kernel(*refs, plan: _Plan):
                                inv_l_ref[...], delta_ref[...], mask_ref, bias_ref, i, j)
         acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=_F32)
         if ds_ref is not None:
-            ds_ref[...] = ds
+            ds_ref[...] = ds.astype(ds_ref.dtype)
 
     if ds_ref is not None and plan.causal:
         @pl.when(jnp.logical_not(_needed(plan, i, j)))
@@ -239,6 +281,78 @@ def _dq_kernel(*refs, plan: _Plan):
     @pl.when(j == pl.num_programs(3) - 1)
     def _():
         dq_ref[...] = (acc_ref[...] * plan.scale).astype(dq_ref.dtype)
+
+
+def _full_bias(plan: _Plan) -> bool:
+    return plan.bias is not None and all(plan.bias)
+
+
+def _dbias_kernel(*refs, plan: _Plan, order: tuple):
+    """The gradient of a bias that broadcasts: grid `order` (a permutation of (batch, head, query
+    block, key block)) ends in the axes the bias broadcasts along, reductions into `acc_ref`."""
+    q_ref, k_ref, v_ref, mask_ref, bias_ref, rest = _split(refs, plan)
+    do_ref, m_ref, inv_l_ref, delta_ref, db_ref, acc_ref = rest
+    reduced = [p for p, axis in enumerate(order) if not plan.bias[axis]]
+    first = functools.reduce(jnp.logical_and, [pl.program_id(p) == 0 for p in reduced])
+    last = functools.reduce(jnp.logical_and,
+                            [pl.program_id(p) == pl.num_programs(p) - 1 for p in reduced])
+    i, j = pl.program_id(order.index(2)), pl.program_id(order.index(3))
+
+    @pl.when(first)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(_needed(plan, i, j))
+    def _():
+        _, ds = _grads_of_tile(plan, q_ref[...], k_ref[...], v_ref[...], do_ref[...], m_ref[...],
+                               inv_l_ref[...], delta_ref[...], mask_ref, bias_ref, i, j)
+        if not plan.bias[2]:
+            ds = jnp.sum(ds, axis=0, keepdims=True)
+        if not plan.bias[3]:
+            ds = jnp.sum(ds, axis=1, keepdims=True)
+        acc_ref[...] += ds
+
+    @pl.when(last)
+    def _():
+        db_ref[...] = acc_ref[...].astype(db_ref.dtype)
+
+
+def _dbias(q, k, bias, operands, plan: _Plan, vmem: int):
+    """`_dbias_kernel` over grid (kept axes, broadcast axes) -> the padded bias's gradient."""
+    B, H, q_pad, d = q.shape
+    bq, bk, g = plan.block_q, plan.block_k, plan.group
+    sq = compat.squeezed
+    order = (tuple(a for a in range(4) if plan.bias[a])
+             + tuple(a for a in range(4) if not plan.bias[a]))
+    sizes = (B, H, q_pad // bq, k.shape[2] // bk)
+
+    def unpermuted(index):
+        def index_map(*grid):
+            bhij = [None] * 4
+            for p, axis in enumerate(order):
+                bhij[axis] = grid[p]
+            return index(*bhij)
+        return index_map
+
+    q_spec = pl.BlockSpec((sq, sq, bq, d), unpermuted(lambda b, h, i, j: (b, h, i, 0)))
+    kv_spec = pl.BlockSpec((sq, sq, bk, d), unpermuted(
+        lambda b, h, i, j: (b, _div(h, g), _kv_index(plan, i, j), 0)))
+    stat_spec = pl.BlockSpec((sq, sq, bq, 1), unpermuted(lambda b, h, i, j: (b, h, i, 0)))
+    extra_specs = [_extra_spec(lay, plan, unpermuted(lambda *bhij: bhij))
+                   for lay in (plan.mask, plan.bias) if lay is not None]
+    block = (bq if plan.bias[2] else 1, bk if plan.bias[3] else 1)
+    return tt.pallas_call(
+        functools.partial(_dbias_kernel, plan=plan, order=order),
+        out_shape=jax.ShapeDtypeStruct(bias.shape, bias.dtype),
+        grid=tuple(sizes[a] for a in order),
+        in_specs=[q_spec, kv_spec, kv_spec, *extra_specs, q_spec, stat_spec, stat_spec,
+                  stat_spec],
+        out_specs=extra_specs[-1],
+        scratch_shapes=[compat.tpu_vmem(block, _F32)],
+        name="attention_bwd_dbias",
+        semantics=tuple("parallel" if plan.bias[a] else "arbitrary" for a in order),
+        interpret=plan.interpret, vmem=vmem,
+    )(*operands)
 
 
 def _dkv_kernel(*refs, plan: _Plan, n_q: int):
@@ -278,11 +392,8 @@ def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
     sq = compat.squeezed
     delta = jnp.sum(out.astype(_F32) * do.astype(_F32), axis=-1, keepdims=True)
     extras = [(a, lay) for a, lay in ((mask, plan.mask), (bias, plan.bias)) if lay is not None]
-    vmem = tt.check_vmem("attention backward", tt.block_bytes(
-        ((bq, d), q.dtype), ((bk, d), q.dtype), ((bk, d), q.dtype), ((bq, d), q.dtype),
-        ((bq, d), q.dtype), ((bk, d), q.dtype), ((bk, d), q.dtype), ((bq, bk), _F32),
-        *(((bq, bk), a.dtype) for a, _ in extras), ((bq, 3), _F32))
-        + tt.scratch_bytes(((2 * bk + bq, d), _F32)) + 4 * bq * bk * 4)
+    vmem = tt.check_vmem("attention backward", _vmem_parts(
+        AttentionTpuConfig(bq, bk), d, q.dtype, [a.dtype for a, _ in extras])[1])
     params = ("parallel", "parallel", "parallel", "arbitrary")
     operands = (q, k, v, *(a for a, _ in extras), do, *stats, delta)
 
@@ -293,8 +404,8 @@ def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
     stat_spec = pl.BlockSpec((sq, sq, bq, 1), lambda b, h, i, j: (b, h, i, 0))
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     out_specs = [q_spec]
-    if bias is not None:
-        out_shape.append(jax.ShapeDtypeStruct((B, H, q_pad, kv_pad), _F32))
+    if _full_bias(plan):
+        out_shape.append(jax.ShapeDtypeStruct(bias.shape, bias.dtype))
         out_specs.append(pl.BlockSpec((sq, sq, bq, bk), lambda b, h, i, j: (b, h, i, j)))
     dq, *ds = tt.pallas_call(
         functools.partial(_dq_kernel, plan=plan),
@@ -336,9 +447,7 @@ def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
 
     dbias = None
     if bias is not None:
-        axes = tuple(a for a, full in enumerate(plan.bias) if not full)
-        dbias = jnp.sum(ds[0], axis=axes, keepdims=True)
-        dbias = dbias[:, :, :bias.shape[2], :bias.shape[3]].astype(bias.dtype)
+        dbias = ds[0] if ds else _dbias(q, k, bias, operands, plan, vmem)
     return dq, dk, dv, dbias
 
 
@@ -373,15 +482,18 @@ def _pad_extra(x, q_pad, kv_pad, dtype):
     return tt.pad_axis(x, 3, kv_pad) if x.shape[3] != 1 else x
 
 
-def _flash_attention(q, k, v, mask, bias, *, causal, scale, interpret):
+def _flash_attention(q, k, v, mask, bias, *, causal, scale, config, interpret):
     B, q_len, H, d = q.shape
     kv_len, Hkv = k.shape[1], k.shape[2]
-    bq, bk = blocks(q_len, kv_len, q.dtype)
+    bq, bk = config.block_q, config.block_k
     q_pad, kv_pad = tt.round_up(q_len, bq), tt.round_up(kv_len, bk)
     qt = tt.pad_axis(q.transpose(0, 2, 1, 3), 2, q_pad)
     kt = tt.pad_axis(k.transpose(0, 2, 1, 3), 2, kv_pad)
     vt = tt.pad_axis(v.transpose(0, 2, 1, 3), 2, kv_pad)
-    layout = lambda x: None if x is None else tuple(n != 1 for n in x.shape)
+    # Which axes a mask or bias has in full: batch and heads when their sizes match (size 1
+    # included: such a bias needs no reduction), queries and keys when not 1 (padded like them).
+    layout = lambda x: None if x is None else (  # noqa: E731
+        x.shape[0] == B, x.shape[1] == H, x.shape[2] != 1, x.shape[3] != 1)
     plan = _Plan(group=H // Hkv, q_len=q_len, kv_len=kv_len, block_q=bq, block_k=bk, head_dim=d,
                  scale=scale, causal=causal, mask=layout(mask), bias=layout(bias),
                  interpret=interpret)
@@ -397,12 +509,21 @@ def _flash_attention(q, k, v, mask, bias, *, causal, scale, interpret):
 # The implementation
 
 
-def attention_mosaic_tpu(q, k, v, *, causal=False, mask=None, bias=None, scale=None):
-    """The TPU flash-attention implementation (same arguments as `attention`)."""
+def attention_mosaic_tpu(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
+                         config: AttentionTpuConfig | None = None):
+    """The TPU flash-attention implementation (same arguments as `attention`); `config` fixes
+    the block sizes (else tuned on a TPU, or `default_config`)."""
     q, k, v, mask, bias, scale = canonicalize(q, k, v, mask, bias, scale)
     if q.size == 0 or k.shape[1] == 0:  # no output to write, or no keys: rows without keys are 0
         return jnp.zeros(q.shape, q.dtype)
     if q.dtype not in _KERNEL_DTYPES:
         raise NotImplementedError(f"dtype {q.dtype} is not supported (float32, bfloat16, float16)")
-    return _flash_attention(q, k, v, mask, bias, causal=bool(causal), scale=scale,
+    if config is None:
+        q_len, kv_len, d = q.shape[1], k.shape[1], q.shape[3]
+        extras = [dt for x, dt in ((mask, jnp.int32), (bias, _F32)) if x is not None]
+        config = tt.tuned("attention/mosaic_tpu", attention_mosaic_tpu, (q, k, v),
+                          dict(causal=causal, mask=mask, bias=bias, scale=scale),
+                          config_space(q_len, kv_len, d, q.dtype, extras),
+                          default_config(q_len, kv_len, q.dtype))
+    return _flash_attention(q, k, v, mask, bias, causal=bool(causal), scale=scale, config=config,
                             interpret=current().interpret)

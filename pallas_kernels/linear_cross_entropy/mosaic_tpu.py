@@ -9,9 +9,14 @@ recompute the logit tiles: dx (grid tokens x vocabulary, the vocabulary a reduct
 [d, block_vocab] accumulator). Blocks hold the whole feature axis d. Tokens and the vocabulary are
 padded to whole blocks: padded vocabulary columns are masked to -inf, padded tokens get a zero
 cotangent.
+
+Block sizes: `LinearCrossEntropyTpuConfig` (tokens and vocabulary columns per block, all three
+kernels); `config_space` lists the tilings `tuned_config` times on a TPU, `vmem_bytes` estimates a
+config's VMEM use.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,23 +36,42 @@ _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
 
 
-def _vmem(bt: int, bv: int, d: int, dtype) -> int:
-    """The largest of the three kernels' VMEM use for these blocks."""
+@dataclasses.dataclass(frozen=True)
+class LinearCrossEntropyTpuConfig:
+    """Block sizes of the TPU linear cross-entropy kernels (blocks hold the whole d)."""
+    block_tokens: int  # a multiple of the dtype's sublane granule
+    block_vocab: int  # a multiple of 128
+
+
+def vmem_bytes(config: LinearCrossEntropyTpuConfig, d: int, dtype) -> int:
+    """VMEM estimate of the largest of the three kernels."""
+    bt, bv = config.block_tokens, config.block_vocab
     return (tt.block_bytes(((bt, d), dtype), ((d, bv), dtype), ((bt, bv), dtype))
             + tt.scratch_bytes(((max(bt, bv), d), _F32)) + 4 * bt * bv * 4)
 
 
-def blocks(n_tokens: int, d: int, vocab: int, dtype) -> tuple[int, int]:
-    """(block_tokens, block_vocab): as large as 256 x 512, halved until VMEM_BUDGET holds."""
+def default_config(n_tokens: int, d: int, vocab: int, dtype) -> LinearCrossEntropyTpuConfig:
+    """As large as 256 x 512, halved until VMEM_BUDGET holds."""
     granule = tt.sublanes(dtype)
     bt, bv = tt.fit(n_tokens, 256, granule), tt.fit(vocab, 512, tt.LANES)
-    while _vmem(bt, bv, d, dtype) > tt.VMEM_BUDGET and (bt > granule or bv > tt.LANES):
+    while (vmem_bytes(LinearCrossEntropyTpuConfig(bt, bv), d, dtype) > tt.VMEM_BUDGET
+           and (bt > granule or bv > tt.LANES)):
         if bv >= bt and bv > tt.LANES:
             bv //= 2
         else:
             bt = max(granule, bt // 2 // granule * granule)
-    tt.check_vmem("linear_cross_entropy", _vmem(bt, bv, d, dtype))
-    return bt, bv
+    return LinearCrossEntropyTpuConfig(bt, bv)
+
+
+def config_space(n_tokens: int, d: int, vocab: int, dtype) -> list[LinearCrossEntropyTpuConfig]:
+    """The default and (128 | 256 | 512) tokens x (256 | 512 | 1024 | 2048) columns, fitted to
+    the operands, within VMEM."""
+    return tt.within_budget(
+        default_config(n_tokens, d, vocab, dtype),
+        [LinearCrossEntropyTpuConfig(bt, bv)
+         for bt in tt.block_options(n_tokens, (128, 256, 512), tt.sublanes(dtype))
+         for bv in tt.block_options(vocab, (256, 512, 1024, 2048), tt.LANES)],
+        lambda c: vmem_bytes(c, d, dtype))
 
 
 def _logits(x, w, layout):
@@ -72,10 +96,10 @@ def _w_spec(layout, bv, d, vocab_axis_of_grid):
 
 # Forward wrapper
 
-def forward(x, w, labels, *, layout, vocab, interpret):
+def forward(x, w, labels, *, layout, vocab, config, interpret):
     """Padded x [tokens, d], w, labels [tokens, 1] -> (loss [tokens, 1], lse [tokens, 1])."""
     n_tokens, d = x.shape
-    bt, bv = blocks(n_tokens, d, vocab, x.dtype)
+    bt, bv = config.block_tokens, config.block_vocab
     v_pad = w.shape[1] if layout == "dv" else w.shape[0]
     row = pl.BlockSpec((bt, 1), lambda i, j: (i, 0))
     return tt.pallas_call(
@@ -88,7 +112,7 @@ def forward(x, w, labels, *, layout, vocab, interpret):
         scratch_shapes=[tt.compat.tpu_vmem((bt, 1), _F32) for _ in range(3)],
         name="linear_cross_entropy_fwd",
         semantics=("parallel", "arbitrary"), interpret=interpret,
-        vmem=_vmem(bt, bv, d, x.dtype),
+        vmem=tt.check_vmem("linear_cross_entropy", vmem_bytes(config, d, x.dtype)),
     )(x, w, labels)
 
 
@@ -140,12 +164,12 @@ def _dw_kernel(x_ref, w_ref, labels_ref, lse_ref, dloss_ref, dw_ref, acc_ref, *,
 
 # Backward wrapper
 
-def backward(x, w, labels, lse, dloss, *, layout, vocab, interpret):
+def backward(x, w, labels, lse, dloss, *, layout, vocab, config, interpret):
     n_tokens, d = x.shape
-    bt, bv = blocks(n_tokens, d, vocab, x.dtype)
+    bt, bv = config.block_tokens, config.block_vocab
     v_pad = w.shape[1] if layout == "dv" else w.shape[0]
     nt, nv = n_tokens // bt, v_pad // bv
-    vmem = _vmem(bt, bv, d, x.dtype)
+    vmem = tt.check_vmem("linear_cross_entropy", vmem_bytes(config, d, x.dtype))
     kwargs = dict(layout=layout, vocab=vocab)
     operands = (x, w, labels, lse, dloss.astype(_F32))
     row = pl.BlockSpec((bt, 1), lambda i, j: (i, 0))
@@ -179,19 +203,22 @@ def backward(x, w, labels, lse, dloss, *, layout, vocab, interpret):
 # ----------------------------------------------------------------------------------------------
 # custom_vjp wiring
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _linear_ce(x, w, labels, layout, vocab, interpret):
-    return forward(x, w, labels, layout=layout, vocab=vocab, interpret=interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _linear_ce(x, w, labels, layout, vocab, config, interpret):
+    return forward(x, w, labels, layout=layout, vocab=vocab, config=config,
+                   interpret=interpret)[0]
 
 
-def _linear_ce_fwd(x, w, labels, layout, vocab, interpret):
-    loss, lse = forward(x, w, labels, layout=layout, vocab=vocab, interpret=interpret)
+def _linear_ce_fwd(x, w, labels, layout, vocab, config, interpret):
+    loss, lse = forward(x, w, labels, layout=layout, vocab=vocab, config=config,
+                        interpret=interpret)
     return loss, (x, w, labels, lse)
 
 
-def _linear_ce_bwd(layout, vocab, interpret, residuals, dloss):
+def _linear_ce_bwd(layout, vocab, config, interpret, residuals, dloss):
     x, w, labels, lse = residuals
-    dx, dw = backward(x, w, labels, lse, dloss, layout=layout, vocab=vocab, interpret=interpret)
+    dx, dw = backward(x, w, labels, lse, dloss, layout=layout, vocab=vocab, config=config,
+                      interpret=interpret)
     return dx, dw, None
 
 
@@ -201,8 +228,10 @@ _linear_ce.defvjp(_linear_ce_fwd, _linear_ce_bwd)
 # ----------------------------------------------------------------------------------------------
 # The implementation
 
-def linear_cross_entropy_mosaic_tpu(x, w, labels, *, w_layout: str = "dv"):
-    """linear_cross_entropy through the TPU kernels (same arguments)."""
+def linear_cross_entropy_mosaic_tpu(x, w, labels, *, w_layout: str = "dv",
+                                    config: LinearCrossEntropyTpuConfig | None = None):
+    """linear_cross_entropy through the TPU kernels (same arguments); `config` fixes the block
+    sizes (else tuned on a TPU, or `default_config`)."""
     d = x.shape[-1]
     vocab = w.shape[1] if w_layout == "dv" else w.shape[0]
     if labels.size == 0:
@@ -212,10 +241,15 @@ def linear_cross_entropy_mosaic_tpu(x, w, labels, *, w_layout: str = "dv"):
                                   f"kernels tile neither")
     dtype = jnp.result_type(x, w)
     n_tokens = labels.size
-    bt, bv = blocks(n_tokens, d, vocab, dtype)
-    t_pad = tt.round_up(n_tokens, bt)
+    if config is None:
+        config = tt.tuned("linear_cross_entropy/mosaic_tpu", linear_cross_entropy_mosaic_tpu,
+                          (x, w, labels), {"w_layout": w_layout},
+                          config_space(n_tokens, d, vocab, dtype),
+                          default_config(n_tokens, d, vocab, dtype))
+    t_pad = tt.round_up(n_tokens, config.block_tokens)
     x2d = tt.pad_axis(x.reshape(n_tokens, d).astype(dtype), 0, t_pad)
-    w = tt.pad_axis(w.astype(dtype), 1 if w_layout == "dv" else 0, tt.round_up(vocab, bv))
+    w = tt.pad_axis(w.astype(dtype), 1 if w_layout == "dv" else 0,
+                    tt.round_up(vocab, config.block_vocab))
     labels2d = tt.pad_axis(normalize_labels(labels.reshape(-1), vocab), 0, t_pad).reshape(-1, 1)
-    loss = _linear_ce(x2d, w, labels2d, w_layout, vocab, current().interpret)
+    loss = _linear_ce(x2d, w, labels2d, w_layout, vocab, config, current().interpret)
     return loss[:n_tokens, 0].reshape(labels.shape)

@@ -6,9 +6,14 @@ sum and label logit per row live in VMEM scratch (float32) and the last vocabula
 the loss and the log-sum-exp. Backward: every (row block, vocabulary block) writes
 (softmax - onehot) * dloss independently. Rows and the vocabulary are padded to whole blocks;
 padded columns are masked to -inf, padded rows sliced off.
+
+Block sizes: `CrossEntropyTpuConfig` (rows and vocabulary columns per block, forward and backward
+alike); `config_space` lists the tilings `tuned_config` times on a TPU, `vmem_bytes` estimates a
+config's VMEM use.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -24,9 +29,40 @@ from pallas_kernels.softmax_cross_entropy.common import normalize_labels
 _F32 = jnp.float32
 
 
-def blocks(n_rows: int, vocab: int, dtype) -> tuple[int, int]:
-    """(block_rows, block_vocab): up to 128 x 2048 logits per block."""
-    return tt.fit(n_rows, 128, tt.sublanes(dtype)), tt.fit(vocab, 2048, tt.LANES)
+@dataclasses.dataclass(frozen=True)
+class CrossEntropyTpuConfig:
+    """Block sizes of the TPU softmax cross-entropy kernels, forward and backward."""
+    block_rows: int  # a multiple of the dtype's sublane granule
+    block_vocab: int  # a multiple of 128
+
+
+def default_config(n_rows: int, vocab: int, dtype) -> CrossEntropyTpuConfig:
+    """Up to 128 x 2048 logits per block."""
+    return CrossEntropyTpuConfig(tt.fit(n_rows, 128, tt.sublanes(dtype)),
+                                 tt.fit(vocab, 2048, tt.LANES))
+
+
+def _vmem_parts(config: CrossEntropyTpuConfig, dtype) -> tuple[int, int]:
+    """(forward, backward) VMEM estimates."""
+    br, bv = config.block_rows, config.block_vocab
+    return (tt.block_bytes(((br, bv), dtype), ((br, 1), jnp.int32), ((br, 2), _F32)) + 3 * br * 4,
+            tt.block_bytes(((br, bv), dtype), ((br, bv), dtype), ((br, 3), _F32)))
+
+
+def vmem_bytes(config: CrossEntropyTpuConfig, dtype) -> int:
+    """VMEM estimate of the larger kernel, forward or backward."""
+    return max(_vmem_parts(config, dtype))
+
+
+def config_space(n_rows: int, vocab: int, dtype) -> list[CrossEntropyTpuConfig]:
+    """The default and (128 | 256 | 512) rows x (1024 | 2048 | 4096 | 8192) columns, fitted to
+    the logits, within VMEM."""
+    return tt.within_budget(
+        default_config(n_rows, vocab, dtype),
+        [CrossEntropyTpuConfig(br, bv)
+         for br in tt.block_options(n_rows, (128, 256, 512), tt.sublanes(dtype))
+         for bv in tt.block_options(vocab, (1024, 2048, 4096, 8192), tt.LANES)],
+        lambda c: vmem_bytes(c, dtype))
 
 
 def online_step(m_ref, l_ref, t):
@@ -85,13 +121,12 @@ def _forward_kernel(logits_ref, labels_ref, loss_ref, lse_ref, m_ref, l_ref, pic
 
 # Forward wrapper
 
-def forward(logits, labels, *, vocab: int, interpret: bool):
+def forward(logits, labels, *, vocab: int, config: CrossEntropyTpuConfig, interpret: bool):
     """Padded logits [rows, vocab_pad], labels [rows, 1] -> (loss [rows, 1], lse [rows, 1])."""
     n_rows, v_pad = logits.shape
-    br, bv = blocks(n_rows, vocab, logits.dtype)
+    br, bv = config.block_rows, config.block_vocab
     row = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
-    vmem = tt.check_vmem("softmax_cross_entropy forward", tt.block_bytes(
-        ((br, bv), logits.dtype), ((br, 1), jnp.int32), ((br, 2), _F32)) + 3 * br * 4)
+    vmem = tt.check_vmem("softmax_cross_entropy forward", _vmem_parts(config, logits.dtype)[0])
     return tt.pallas_call(
         functools.partial(_forward_kernel, vocab=vocab),
         out_shape=(jax.ShapeDtypeStruct((n_rows, 1), logits.dtype),
@@ -118,13 +153,12 @@ def _backward_kernel(logits_ref, labels_ref, lse_ref, dloss_ref, dlogits_ref):
 
 # Backward wrapper
 
-def backward(logits, labels, lse, dloss, *, vocab: int, interpret: bool):
+def backward(logits, labels, lse, dloss, *, config: CrossEntropyTpuConfig, interpret: bool):
     n_rows, v_pad = logits.shape
-    br, bv = blocks(n_rows, vocab, logits.dtype)
+    br, bv = config.block_rows, config.block_vocab
     row = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     tile = pl.BlockSpec((br, bv), lambda i, j: (i, j))
-    vmem = tt.check_vmem("softmax_cross_entropy backward", tt.block_bytes(
-        ((br, bv), logits.dtype), ((br, bv), logits.dtype), ((br, 3), _F32)))
+    vmem = tt.check_vmem("softmax_cross_entropy backward", _vmem_parts(config, logits.dtype)[1])
     return tt.pallas_call(
         _backward_kernel,
         out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
@@ -139,19 +173,19 @@ def backward(logits, labels, lse, dloss, *, vocab: int, interpret: bool):
 # ----------------------------------------------------------------------------------------------
 # custom_vjp wiring
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _softmax_ce(logits, labels, vocab, interpret):
-    return forward(logits, labels, vocab=vocab, interpret=interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _softmax_ce(logits, labels, vocab, config, interpret):
+    return forward(logits, labels, vocab=vocab, config=config, interpret=interpret)[0]
 
 
-def _softmax_ce_fwd(logits, labels, vocab, interpret):
-    loss, lse = forward(logits, labels, vocab=vocab, interpret=interpret)
+def _softmax_ce_fwd(logits, labels, vocab, config, interpret):
+    loss, lse = forward(logits, labels, vocab=vocab, config=config, interpret=interpret)
     return loss, (logits, labels, lse)
 
 
-def _softmax_ce_bwd(vocab, interpret, residuals, dloss):
+def _softmax_ce_bwd(vocab, config, interpret, residuals, dloss):
     logits, labels, lse = residuals
-    return backward(logits, labels, lse, dloss, vocab=vocab, interpret=interpret), None
+    return backward(logits, labels, lse, dloss, config=config, interpret=interpret), None
 
 
 _softmax_ce.defvjp(_softmax_ce_fwd, _softmax_ce_bwd)
@@ -160,18 +194,23 @@ _softmax_ce.defvjp(_softmax_ce_fwd, _softmax_ce_bwd)
 # ----------------------------------------------------------------------------------------------
 # The implementation
 
-def softmax_cross_entropy_mosaic_tpu(logits, labels):
-    """softmax_cross_entropy through the TPU kernels (same arguments)."""
+def softmax_cross_entropy_mosaic_tpu(logits, labels, *,
+                                     config: CrossEntropyTpuConfig | None = None):
+    """softmax_cross_entropy through the TPU kernels (same arguments); `config` fixes the block
+    sizes (else tuned on a TPU, or `default_config`)."""
     vocab = logits.shape[-1]
     if labels.size == 0:
         return jnp.zeros(labels.shape, logits.dtype)
     if vocab == 0:
         raise NotImplementedError("an empty vocabulary (logits [..., 0]): the kernels tile none")
     n_rows = labels.size
-    br, bv = blocks(n_rows, vocab, logits.dtype)
-    r_pad = tt.round_up(n_rows, br)
+    if config is None:
+        config = tt.tuned("softmax_cross_entropy/mosaic_tpu", softmax_cross_entropy_mosaic_tpu,
+                          (logits, labels), {}, config_space(n_rows, vocab, logits.dtype),
+                          default_config(n_rows, vocab, logits.dtype))
+    r_pad = tt.round_up(n_rows, config.block_rows)
     logits2d = tt.pad_axis(tt.pad_axis(logits.reshape(n_rows, vocab), 0, r_pad), 1,
-                           tt.round_up(vocab, bv))
+                           tt.round_up(vocab, config.block_vocab))
     labels2d = tt.pad_axis(normalize_labels(labels.reshape(-1), vocab), 0, r_pad).reshape(-1, 1)
-    loss = _softmax_ce(logits2d, labels2d, vocab, current().interpret)
+    loss = _softmax_ce(logits2d, labels2d, vocab, config, current().interpret)
     return loss[:n_rows, 0].reshape(labels.shape)

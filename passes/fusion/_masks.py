@@ -30,6 +30,7 @@ from jax import lax
 
 from passes import _compat as C
 from passes.fusion._shared import constant_value
+from passes.pattern import literal_value
 
 # A `where` fill counts as masking when it is -inf or at most this at the softmax input:
 # exp(fill - row max) is then zero for any logits above MASK_FILL_THRESHOLD + 100.
@@ -92,36 +93,11 @@ def reshape_roles(roles, out_shape, sizes):
 
 
 # ---------------------------------------------------------------------------------------------
-# Constants and broadcasts
+# Broadcasts
 
 
 def _is_float(atom) -> bool:
     return jnp.issubdtype(atom.aval.dtype, jnp.floating)
-
-
-def scalar_constant(region, atom):
-    """The Python float of a scalar constant (a literal, possibly broadcast or cast), else None."""
-    casts = []
-    while True:
-        if isinstance(atom, C.Literal):
-            value = np.asarray(atom.val)
-            if value.size != 1:
-                return None
-            value = value.reshape(())
-            for dtype in reversed(casts):
-                value = np.asarray(value, dtype=dtype)
-            return float(value)
-        eqn = region.producer_eqn(atom)
-        if eqn is None:
-            return None
-        if eqn.primitive in (lax.broadcast_in_dim_p, lax.reshape_p):
-            atom = eqn.invars[0]  # a broadcast of a scalar stays uniform
-        elif eqn.primitive is lax.convert_element_type_p:
-            casts.append(jnp.dtype(eqn.params["new_dtype"]))
-            atom = eqn.invars[0]
-        else:
-            return None
-
 
 
 def trace_broadcast(region, atom, roles, sizes, peel_casts=False):
@@ -344,7 +320,7 @@ def mask_leaves(region, pred, roles, sizes, invert=False):
         if (eqn.primitive is lax.and_p and not invert) or (eqn.primitive is lax.or_p and invert):
             return [leaf for a in eqn.invars
                     for leaf in mask_leaves(region, a, base_roles, sizes, invert)]
-        if eqn.primitive is lax.ne_p and scalar_constant(region, eqn.invars[1]) == 0:
+        if eqn.primitive is lax.ne_p and literal_value(region, eqn.invars[1]) == 0:
             inner = region.producer_eqn(eqn.invars[0])
             if (inner is not None and inner.primitive is lax.convert_element_type_p
                     and inner.invars[0].aval.dtype == np.bool_):
@@ -357,8 +333,6 @@ def mask_leaves(region, pred, roles, sizes, invert=False):
                     and src.invars[0].aval.dtype == np.bool_):
                 return mask_leaves(region, src.invars[0], base_roles, sizes, invert)
     return [(atom, tuple(base_roles), invert)]
-
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,15 +60,38 @@ def _precision_names(precision):
     return [name if name is not None else str(precision)]
 
 
-def precision_problem(eqn) -> str | None:
-    """Why the kernels cannot honour this dot_general's precision settings (None if they can)."""
-    in_dtype = jnp.dtype(eqn.invars[0].aval.dtype)
+def precision_problem(eqn, *, operand_dtype=False) -> str | None:
+    """Why the kernels cannot honour this dot_general's precision settings (None if they can):
+    the one precision policy of the fusion passes.
+
+    The kernels accumulate in float32 and multiply float32 in TF32 on GPUs, so a wider
+    accumulation, a precision above TF32 on float32 operands, or one they do not implement is
+    declined. With `operand_dtype` (dense_act's kernels, which multiply and return the operands'
+    own dtype at the default precision), so are mixed operand dtypes, operands wider than float32,
+    any precision but the default, and a preferred_element_type or result of another dtype.
+    """
+    x, w = eqn.invars[:2]
+    in_dtype = jnp.dtype(x.aval.dtype)
     pet = eqn.params.get("preferred_element_type")
+    names = _precision_names(eqn.params.get("precision"))
+    if operand_dtype:
+        out_dtype = jnp.dtype(eqn.outvars[0].aval.dtype)
+        if in_dtype != jnp.dtype(w.aval.dtype):
+            return f"the matmul mixes {x.aval.dtype} and {w.aval.dtype} operands"
+        if in_dtype.itemsize > 4:
+            return f"the kernel accumulates in float32; this matmul runs in {in_dtype}"
+        if any(name != "DEFAULT" for name in names):
+            return (f"dot_general precision={eqn.params['precision']} asks for more than the "
+                    f"kernel's default")
+        if pet is not None and jnp.dtype(pet) != out_dtype:
+            return f"dot_general preferred_element_type={jnp.dtype(pet)} differs from its result"
+        if out_dtype != in_dtype:
+            return f"the matmul returns {out_dtype} from {in_dtype} operands"
     if pet is not None and (not jnp.issubdtype(pet, jnp.floating) or jnp.dtype(pet).itemsize > 4):
         return (f"preferred_element_type={jnp.dtype(pet).name} on {in_dtype.name} operands; the "
                 f"kernel accumulates in float32")
     wide = in_dtype.itemsize >= 4
-    for name in _precision_names(eqn.params.get("precision")):
+    for name in names:
         if name not in _KNOWN_PRECISIONS:
             return f"precision {name}, which the kernel does not implement"
         if wide and name in _EXACT_F32:

@@ -2,13 +2,13 @@
 
 The rule anchors at the value product (a `dot_general` with a softmax behind one operand) and
 walks back: probabilities (through casts and transposes) -> softmax (plain primitives, with or
-without `stop_gradient` on the max, or a `custom_jvp_call` whose body is one) -> the logits
-chain (casts, transposes, scaling by constants, additive biases, `where` masks, in any order the
-semantics allow) -> the logits `dot_general`. Every axis is given a role on the way (`a<i>`: an
-axis shared by q, k and v such as batch or heads; `t<j>`: a query-only axis, the query sequence
-or a grouped-query group; `s`: keys; `d`/`dv`: head dims), and every dimension number, softmax
-axis and operand shape is checked against those roles, so any rank and layout maps onto the
-kernel's (batch, seq, heads, head_dim) and nothing over-matches.
+without `stop_gradient` on the max, or a `custom_jvp_call` whose body is one: `_softmax.py`) ->
+the logits chain (casts, transposes, scaling by constants, additive biases, `where` masks, in
+any order the semantics allow) -> the logits `dot_general`. Every axis is given a role on the
+way (`a<i>`: an axis shared by q, k and v such as batch or heads; `t<j>`: a query-only axis, the
+query sequence or a grouped-query group; `s`: keys; `d`/`dv`: head dims), and every dimension
+number, softmax axis and operand shape is checked against those roles, so any rank and layout
+maps onto the kernel's (batch, seq, heads, head_dim) and nothing over-matches.
 
 Spellings covered: Flax `nnx.MultiHeadAttention`, Linen `dot_product_attention`,
 `jax.nn.dot_product_attention(implementation="xla")` (its grouped-query reshape included), and
@@ -44,8 +44,10 @@ from passes import _compat as C
 from passes.fusion._masks import Decline as _Decline
 from passes.fusion._masks import (Masks, expand_compound, guard_rows, kernel_safe_bias,
                                   may_be_minus_inf, reshape_roles, rows_without_keys,
-                                  scalar_constant, trace_broadcast)
+                                  trace_broadcast)
 from passes.fusion._shared import described, dot_dims, kernel, kernel_choice, precision_problem
+from passes.fusion._softmax import Softmax, match_softmax
+from passes.pattern import literal_value
 from passes.pipeline import RulePass
 from passes.rewrite import FunctionRule, Match, NoMatch
 
@@ -97,16 +99,8 @@ def _declined(region, position, reason):
 
 
 @dataclasses.dataclass
-class _Softmax:
-    out: object  # the probabilities
-    x: object  # the softmax input
-    axis: int
-    positions: frozenset
-
-
-@dataclasses.dataclass
 class _Probabilities:
-    softmax: _Softmax
+    softmax: Softmax
     positions: frozenset  # casts, transposes and reshapes between the softmax and the product
     steps: tuple  # those equations, from the softmax forward
 
@@ -500,7 +494,7 @@ class _ChainState:
             raise _Decline(f"`{prim}` between the logits and the softmax")
 
     def _scale(self, prim, other):
-        c = scalar_constant(self.region, other)
+        c = literal_value(self.region, other)
         if c is None:
             raise _Decline(f"the logits are scaled by a value that is not a scalar constant "
                            f"(`{prim}` with {other.aval.str_short()}); the kernel's "
@@ -528,7 +522,7 @@ class _ChainState:
         if pred.aval.dtype != np.bool_ or pred.aval.shape != eqn.outvars[0].aval.shape:
             raise _Decline("a `where` whose condition is not a boolean array of the "
                            "logits' shape")
-        fill = scalar_constant(self.region, eqn.invars[3 - operand])
+        fill = literal_value(self.region, eqn.invars[3 - operand])
         if fill is None:
             raise _Decline("a `where` on the logits whose other branch is not a constant")
         self.fills.append(np.asarray(fill, self.dtype))
@@ -551,10 +545,10 @@ def _peel_scale(region, var):
         if eqn is None or eqn.primitive not in (lax.mul_p, lax.div_p):
             return var, scale
         x, c = eqn.invars
-        value = scalar_constant(region, c)
+        value = literal_value(region, c)
         if value is None and eqn.primitive is lax.mul_p:
             x, c = c, x
-            value = scalar_constant(region, c)
+            value = literal_value(region, c)
         if value is None or value == 0 or not math.isfinite(value) or not isinstance(x, C.Var):
             return var, scale
         if x.aval.shape != var.aval.shape or x.aval.dtype != var.aval.dtype:
@@ -685,174 +679,3 @@ def free_axes(rank, contract, batch):
 
 def _is_float(atom) -> bool:
     return jnp.issubdtype(atom.aval.dtype, jnp.floating)
-
-
-def match_softmax(region, var):
-    """`var` = softmax(x, axis) as primitives or a custom_jvp_call: `_Softmax` or NoMatch."""
-    pos = region.producer(var)
-    if pos is None:
-        return NoMatch("no producer")
-    eqn = region.eqns[pos]
-    if eqn.primitive is C.NESTED["custom_jvp_call"]:
-        return _custom_jvp_softmax(region, pos, eqn)
-    found = _softmax_body(region, var, lambda a: scalar_constant(region, a))
-    if not found:
-        return found
-    x, axis, positions = found
-    return _Softmax(var, x, axis, frozenset(positions))
-
-
-def _custom_jvp_softmax(region, pos, eqn):
-    from passes.ir import Region
-
-    if len(eqn.outvars) != 1 or not eqn.invars:
-        return NoMatch("custom_jvp_call with {} outputs", len(eqn.outvars))
-    body = Region(eqn.params["call_jaxpr"])
-    outer = dict(zip(body.invars, eqn.invars))
-
-    def literal(a):
-        if a in outer:
-            return scalar_constant(region, outer[a])
-        inner = body.producer_eqn(a)
-        if inner is not None and inner.primitive is lax.convert_element_type_p and \
-                inner.invars[0] in outer:
-            return scalar_constant(region, outer[inner.invars[0]])
-        return scalar_constant(body, a)
-
-    found = _softmax_body(body, body.outvars[0], literal)
-    if not found:
-        return NoMatch("custom_jvp_call is not a softmax: {}", found.reason)
-    x, axis, _ = found
-    if x not in outer or outer[x] is not eqn.invars[0]:
-        return NoMatch("custom_jvp_call's softmax is not over its first operand")
-    return _Softmax(eqn.outvars[0], eqn.invars[0], axis, frozenset({pos}))
-
-
-def _softmax_body(region, var, literal):
-    """exp(x - max) / sum(exp(x - max)) along one axis: (x, axis, positions) or NoMatch."""
-    pos = region.producer(var)
-    if pos is None:
-        return NoMatch("no producer")
-    div = region.eqns[pos]
-    if div.primitive is not lax.div_p:
-        return NoMatch("`{}` is not the softmax's division", div.primitive)
-    e, den = div.invars
-    e_pos = region.producer(e)
-    if e_pos is None or region.eqns[e_pos].primitive is not lax.exp_p:
-        return NoMatch("the numerator is not an exp")
-    sub_pos = region.producer(region.eqns[e_pos].invars[0])
-    if sub_pos is None or region.eqns[sub_pos].primitive is not lax.sub_p:
-        return NoMatch("the exp's operand is not x - max")
-    x, mx = region.eqns[sub_pos].invars
-    if not isinstance(x, C.Var):
-        return NoMatch("softmax of a literal")
-    positions = {pos, e_pos, sub_pos}
-    red = keepdims_reduction(region, den, lax.reduce_sum_p, e, literal)
-    if not red:
-        return NoMatch("the denominator is not the sum of the numerator: {}", red.reason)
-    axis, ps = red
-    positions |= ps
-    red = keepdims_reduction(region, mx, lax.reduce_max_p, x, literal, axis)
-    if not red:
-        return NoMatch("the subtracted value is not the max of the input: {}", red.reason)
-    positions |= red[1]
-    return x, axis, positions
-
-
-_KEEPDIMS_PASS = (lax.broadcast_in_dim_p, lax.reshape_p, lax.stop_gradient_p, lax.transpose_p,
-                  lax.convert_element_type_p)
-
-
-def keepdims_reduction(region, var, reduce_prim, operand, literal, axis=None):
-    """`var` = reduce(operand, axes=(axis,)) with the axis kept (unit or broadcast), maybe
-    through stop_gradient, transposes and (for max) `max(., -inf)`. The reduction may also run
-    over the array that `operand` transposes (JAX moves reductions before transposes).
-
-    Returns (axis of `operand`, positions) or NoMatch.
-    """
-    positions, chain = set(), []
-    while True:
-        pos = region.producer(var)
-        if pos is None:
-            return NoMatch("reaches an input")
-        eqn = region.eqns[pos]
-        if eqn.primitive is lax.max_p and reduce_prim is lax.reduce_max_p:
-            a, b = eqn.invars
-            if literal(a) == -math.inf:
-                a, b = b, a
-            elif literal(b) != -math.inf:
-                return NoMatch("`max` with something other than -inf")
-            positions.add(pos)
-            var = a
-            continue
-        if eqn.primitive is reduce_prim:
-            positions.add(pos)
-            break
-        if eqn.primitive not in _KEEPDIMS_PASS:
-            return NoMatch("`{}` where a reduction should be", eqn.primitive)
-        chain.append(eqn)
-        positions.add(pos)
-        var = eqn.invars[0]
-    reduced = eqn.invars[0]
-    widened = region.producer(reduced)
-    if (widened is not None and region.eqns[widened].primitive is lax.convert_element_type_p
-            and reduced is not operand):  # bf16 sums accumulate in float32
-        positions.add(widened)
-        reduced = region.eqns[widened].invars[0]
-    axes = tuple(int(d) for d in eqn.params["axes"])
-    if len(axes) != 1:
-        return NoMatch("reduces axes {}, not one", axes)
-    (r_axis,) = axes
-    # `operand` axis i is axis source[i] of the reduced array.
-    if reduced is operand:
-        source = list(range(len(operand.aval.shape)))
-    else:
-        t = region.producer_eqn(operand)
-        if t is None or t.primitive is not lax.transpose_p or t.invars[0] is not reduced:
-            return NoMatch("reduces another array")
-        source = [int(p) for p in t.params["permutation"]]
-    # Follow the reduced value forward, labelling each axis with its axis of the reduced array.
-    labels = [a for a in range(len(reduced.aval.shape)) if a != r_axis]
-    for eqn in reversed(chain):
-        src, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-        if eqn.primitive is lax.transpose_p:
-            labels = [labels[int(p)] for p in eqn.params["permutation"]]
-        elif eqn.primitive is lax.broadcast_in_dim_p:
-            dims = [int(d) for d in eqn.params["broadcast_dimensions"]]
-            if len(out) == len(src):
-                if dims != list(range(len(src))):
-                    return NoMatch("broadcast with dims {}", dims)
-            elif len(out) == len(src) + 1 and dims == sorted(dims):
-                new = [r_axis] * len(out)
-                for i, d in enumerate(dims):
-                    new[d] = labels[i]
-                labels = new
-            else:
-                return NoMatch("broadcast of the reduction to {}", out)
-        elif eqn.primitive is lax.reshape_p:
-            if eqn.params.get("dimensions") or [n for n in src if n != 1] != [
-                    n for n in out if n != 1]:
-                return NoMatch("reshape of the reduction to {}", out)
-            if len(out) == len(src) + 1:  # inserts the kept unit axis
-                at = next((i for i in range(len(out))
-                           if out[i] == 1 and list(out[:i]) + list(out[i + 1:]) == list(src)),
-                          None)
-                if at is None:
-                    return NoMatch("reshape of the reduction to {}", out)
-                labels = labels[:at] + [r_axis] + labels[at:]
-            elif tuple(out) != tuple(src):
-                return NoMatch("reshape of the reduction to {}", out)
-    if labels != source:
-        return NoMatch("the reduction is laid out as {} against the input's {}", labels, source)
-    k_axis = source.index(r_axis)
-    if axis is not None and k_axis != axis:
-        return NoMatch("reduces axis {}, not {}", k_axis, axis)
-    shape = operand.aval.shape
-    if any(n not in (1, shape[i]) for i, n in enumerate(var_shape(chain, eqn))):
-        return NoMatch("the reduction does not broadcast against the input")
-    return k_axis, positions
-
-
-def var_shape(chain, reduce_eqn):
-    """Shape of the keepdims value (the first chain equation's output, else the reduction's)."""
-    return tuple((chain[0] if chain else reduce_eqn).outvars[0].aval.shape)

@@ -9,7 +9,8 @@ Spellings covered (after canonicalize), the class axis anywhere:
   aranges on the other axes).
 `logsumexp` is any `m + log(sum(exp(x - m)))` with `m` constant along the class axis (JAX's
 spelling with its max / is_finite guard, or a hand-written max), `log_softmax` JAX's
-(`x - m - log(sum(exp(x - m)))`) or `x - logsumexp(x, keepdims=True)`.
+(`x - m - log(sum(exp(x - m)))`) or `x - logsumexp(x, keepdims=True)`; both are recognised in
+`_softmax.py`.
 
 Labels keep the original's semantics for every label value, gradients included: with
 `take_along_axis` (gather mode "fill") an out-of-range label gives NaN, with the softmax as the
@@ -35,6 +36,7 @@ from jax import lax
 from passes import _compat as C
 from passes.fusion._shared import (constant_value, described, dot_dims, kernel, kernel_choice,
                                    precision_problem)
+from passes.fusion._softmax import log_softmax, logsumexp, shift_kind
 from passes.pipeline import RulePass
 from passes.rewrite import FunctionRule, Match, NoMatch
 
@@ -134,7 +136,7 @@ def match_cross_entropy(region, position, *, implementation=None, fused=False):
     plan = dict(form=found.form, labels=found.labels, label_shape=found.label_shape, axis=axis,
                 batch_shape=batch_shape, vocab=int(full[axis]),
                 out_dtype=jnp.dtype(out.aval.dtype).name, w_layout=None,
-                shift=_shift_kind(region, found.shift_root, x, axis), sign=found.sign,
+                shift=shift_kind(region, found.shift_root, x, axis), sign=found.sign,
                 out_shape=tuple(out.aval.shape))
     matmul = _fused_matmul(region, x, axis, eqns)
     if fused:
@@ -169,7 +171,7 @@ def _unsupported(region, found, out, batch_shape):
     for what, dtype in (("logits", x.aval.dtype), ("loss", out.aval.dtype)):
         if jnp.dtype(dtype).itemsize > 4:
             return f"the kernels compute in float32; the {what} are {jnp.dtype(dtype).name}"
-    if _shift_kind(region, found.shift_root, x, axis) is None:
+    if shift_kind(region, found.shift_root, x, axis) is None:
         return ("the log-sum-exp subtracts a row value other than the row max, so its "
                 "overflow and infinities are not the kernel's")
     return None
@@ -435,203 +437,6 @@ def _one_hot(region, var, x, axis):
             continue
         return x, axis, lab, "one_hot", "kept"
     return soft
-
-
-# ---------------------------------------------------------------------------------------------
-# logsumexp and log_softmax (shared helpers)
-
-
-_KEEP = (lax.broadcast_in_dim_p, lax.reshape_p, lax.stop_gradient_p, lax.squeeze_p)
-
-
-def _keep_root(region, var, full, axis):
-    """Follow keepdims re-shapes (and stop_gradient) of a per-row value back to its root.
-
-    Checks each step keeps the value constant along `axis` of `full`-shaped arrays. Returns the
-    root atom or None.
-    """
-    reduced = full[:axis] + full[axis + 1:]
-    kept = full[:axis] + (1,) + full[axis + 1:]
-    shapes = (reduced, kept, full)
-    if tuple(var.aval.shape) not in shapes:
-        return None
-    while isinstance(var, C.Var):
-        eqn = region.producer_eqn(var)
-        if eqn is None or eqn.primitive not in _KEEP:
-            break
-        src = eqn.invars[0]
-        sshape, oshape = tuple(src.aval.shape), tuple(var.aval.shape)
-        if sshape not in shapes:
-            break
-        if oshape == full and sshape != full and eqn.primitive is not lax.broadcast_in_dim_p:
-            return None
-        if eqn.primitive is lax.broadcast_in_dim_p:
-            dims = tuple(int(d) for d in eqn.params["broadcast_dimensions"])
-            want = (tuple(d for d in range(len(full)) if d != axis)
-                    if len(sshape) == len(reduced) and len(sshape) != len(full)
-                    else tuple(range(len(sshape))))
-            if dims != want:
-                return None
-        elif eqn.primitive is lax.reshape_p and eqn.params.get("dimensions"):
-            return None
-        elif eqn.primitive is lax.squeeze_p and tuple(
-                int(d) for d in eqn.params["dimensions"]) != (axis,):
-            return None
-        var = src
-    if tuple(var.aval.shape) == full:
-        return None
-    return var
-
-
-def _sum_exp(region, var, axis=None):
-    """`var` = sum(exp(d), axis), maybe through abs and float casts (bf16 sums accumulate in
-    float32): (d, axis) or NoMatch."""
-    eqn = region.producer_eqn(var)
-    while eqn is not None and eqn.primitive in (lax.abs_p, lax.convert_element_type_p):
-        eqn = region.producer_eqn(eqn.invars[0])
-    if eqn is None or eqn.primitive is not lax.reduce_sum_p:
-        return NoMatch("not a sum")
-    axes = tuple(int(d) for d in eqn.params["axes"])
-    if len(axes) != 1 or (axis is not None and axes[0] != axis):
-        return NoMatch("sums axes {}", axes)
-    e = region.producer_eqn(eqn.invars[0])
-    if e is not None and e.primitive is lax.convert_element_type_p:
-        e = region.producer_eqn(e.invars[0])
-    if e is None or e.primitive is not lax.exp_p:
-        return NoMatch("not a sum of exp")
-    return e.invars[0], axes[0]
-
-
-def _shifted(region, d, axis):
-    """`d` = x - m with m constant along `axis`: (x, root of m) or NoMatch."""
-    eqn = region.producer_eqn(d)
-    if eqn is None or eqn.primitive is not lax.sub_p:
-        return NoMatch("not x - m")
-    x, m = eqn.invars
-    if not isinstance(x, C.Var) or tuple(x.aval.shape) != tuple(d.aval.shape):
-        return NoMatch("not x - m")
-    root = _keep_root(region, m, tuple(x.aval.shape), axis)
-    if root is None:
-        return NoMatch("the subtracted value varies along the class axis")
-    return x, root
-
-
-def logsumexp(region, var):
-    """`var` = m + log(sum(exp(x - m), axis)) with the same row value m (reduced or kept axis):
-    (x, axis, m's root) or NoMatch."""
-    eqn = region.producer_eqn(var)
-    if eqn is None or eqn.primitive is not lax.add_p:
-        return NoMatch("not m + log(sum(exp(x - m)))")
-    for m, lg in (eqn.invars, eqn.invars[::-1]):
-        found = _log_sum_exp_of(region, lg)
-        if not found:
-            continue
-        d, axis = found
-        shifted = _shifted(region, d, axis)
-        if not shifted:
-            continue
-        x, root = shifted
-        full = tuple(x.aval.shape)
-        if tuple(var.aval.shape) not in (full[:axis] + full[axis + 1:],
-                                         full[:axis] + (1,) + full[axis + 1:]):
-            continue
-        if _keep_root(region, m, full, axis) is root:
-            return x, axis, root
-    return NoMatch("not m + log(sum(exp(x - m)))")
-
-
-def log_softmax(region, var):
-    """`var` = log_softmax(x, axis): (x, axis, the shift's root) or NoMatch.
-
-    Spellings: (x - m) - log(sum(exp(x - m))) with the log before or after the keepdims
-    broadcast (JAX's), and x - logsumexp(x, keepdims=True).
-    """
-    eqn = region.producer_eqn(var)
-    if eqn is None or eqn.primitive is not lax.sub_p:
-        return NoMatch("not a subtraction")
-    a, b = eqn.invars
-    if not isinstance(a, C.Var):
-        return NoMatch("log_softmax of a literal")
-    full = tuple(a.aval.shape)
-    # (x - m) - log(sum(exp(x - m)))
-    found = _log_sum_exp_of(region, b)
-    if found and found[0] is a:
-        shifted = _shifted(region, a, found[1])
-        if shifted:
-            return shifted[0], found[1], shifted[1]
-    # x - logsumexp(x, keepdims=True)
-    for axis in range(len(full)):
-        root = _keep_root(region, b, full, axis)
-        lse = logsumexp(region, root) if root is not None else None
-        if lse and lse[:2] == (a, axis):
-            return lse
-    return NoMatch("not a log_softmax")
-
-
-def _shift_kind(region, m, x, axis):
-    """What the log-sum-exp subtracts: "guarded_max" (jax.nn.logsumexp: the row max of `x`, 0
-    where it is not finite), "row_max" (the plain row max, maybe floored at -inf: JAX's
-    log_softmax, `x.max(-1)`), or None (another row value)."""
-    eqn = region.producer_eqn(m)
-    if eqn is not None and eqn.primitive is lax.select_n_p and len(eqn.invars) == 3:
-        pred, when_false, when_true = eqn.invars
-        test = region.producer_eqn(pred)
-        zero = constant_value(region, when_false)
-        if (test is not None and test.primitive is lax.is_finite_p
-                and test.invars[0] is when_true and zero is not None and not np.any(zero)
-                and _is_row_max(region, when_true, x, axis)):
-            return "guarded_max"
-        return None
-    return "row_max" if _is_row_max(region, m, x, axis) else None
-
-
-def _is_row_max(region, v, x, axis) -> bool:
-    """`v` = max(x, axis), maybe as max(-inf, max(x, axis)) (jnp.max's initial value), either
-    possibly re-shaped to keep the axis."""
-    full = tuple(x.aval.shape)
-    v = _keep_root(region, v, full, axis)
-    eqn = region.producer_eqn(v) if v is not None else None
-    if eqn is not None and eqn.primitive is lax.max_p:
-        for inner, floor in (eqn.invars, eqn.invars[::-1]):
-            value = constant_value(region, floor) if not isinstance(inner, C.Literal) else None
-            if value is not None and np.all(value == -np.inf):
-                inner = _keep_root(region, inner, full, axis)
-                eqn = region.producer_eqn(inner) if inner is not None else None
-                break
-        else:
-            return False
-    return (eqn is not None and eqn.primitive is lax.reduce_max_p and eqn.invars[0] is x
-            and tuple(int(d) for d in eqn.params["axes"]) == (axis,))
-
-
-def _log_sum_exp_of(region, r):
-    """`r` = log(sum(exp(d), axis)), possibly kept along the axis (the log before or after the
-    keepdims re-shape): (d, axis) or None."""
-    var = r
-    while True:  # find the reduction's axis first
-        eqn = region.producer_eqn(var)
-        if eqn is None or eqn.primitive not in _KEEP + (lax.log_p, lax.abs_p,
-                                                         lax.convert_element_type_p):
-            break
-        var = eqn.invars[0]
-    if eqn is None or eqn.primitive is not lax.reduce_sum_p or len(eqn.params["axes"]) != 1:
-        return None
-    axis = int(eqn.params["axes"][0])
-    full = tuple(eqn.invars[0].aval.shape)
-    outer = _keep_root(region, r, full, axis)
-    log = region.producer_eqn(outer) if outer is not None else None
-    if log is None or log.primitive is not lax.log_p:
-        return None
-    inner = log.invars[0]
-    for _ in range(2):  # |sum| (JAX's logsumexp) and casts before or after the keepdims
-        e = region.producer_eqn(inner)
-        while e is not None and e.primitive in (lax.abs_p, lax.convert_element_type_p):
-            inner = e.invars[0]
-            e = region.producer_eqn(inner)
-        inner = _keep_root(region, inner, full, axis)
-        if inner is None:
-            return None
-    return _sum_exp(region, inner, axis) or None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ example, so each spelling below is a plain function; a match is re-checked again
 traced at the program's shapes and dtypes. A matmul with only a bias, or a bare matmul, is left
 to XLA (cuBLAS fuses the bias itself; a rewrite would save nothing).
 
-Declined, with the reason in the report: a `dot_general` with a `precision` other than the
-default or a `preferred_element_type` other than its result dtype, and mixed operand dtypes.
+Declined, with the reason in the report (`_shared.precision_problem` at the operands' dtype): a
+`dot_general` with a `precision` other than the default, a `preferred_element_type` or result
+dtype other than its operands', mixed operand dtypes, and float64.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from passes.fusion._shared import described, kernel_choice
-from passes.pattern import (Alt, Capture, Example, Op, PatternRule, RowVector, Wildcard,
+from passes.fusion._shared import described, kernel_choice, precision_problem
+from passes.pattern import (Alt, Capture, Example, PatternRule, Prim, RowVector, Wildcard,
                             is_floating, row_values)
 from passes.pipeline import RulePass
 from passes.rewrite import NoMatch
@@ -59,8 +60,8 @@ def _contracts_last_with_first(dimension_numbers, eqn):
 
 def matmul(x: str, w: str, name: str):
     """`x @ w`: x (..., d_in) floating, w (d_in, d_out); captures the product as `name`."""
-    return Op(lax.dot_general_p, Wildcard(x, dtype=is_floating), Wildcard(w, rank=2), name=name,
-              params={"dimension_numbers": _contracts_last_with_first})
+    return Prim(lax.dot_general_p, Wildcard(x, dtype=is_floating), Wildcard(w, rank=2), name=name,
+                params={"dimension_numbers": _contracts_last_with_first})
 
 
 def activation(h):
@@ -82,28 +83,6 @@ def _kind(b) -> str:
     return next(k for k in ACTIVATION_SPELLINGS if f"activation={k}" in b)
 
 
-def _dot_problem(dot, b) -> str | None:
-    """Why the kernel cannot compute this `dot_general` as the program does, or None."""
-    eqn = b.producer(dot)
-    out_dtype = eqn.outvars[0].aval.dtype
-    x, w = eqn.invars
-    if x.aval.dtype != w.aval.dtype:
-        return f"the matmul mixes {x.aval.dtype} and {w.aval.dtype} operands"
-    if np.dtype(x.aval.dtype).itemsize > 4:
-        return f"the kernel accumulates in float32; this matmul runs in {x.aval.dtype}"
-    precision = eqn.params.get("precision")
-    if precision is not None and any(
-            p not in (None, lax.Precision.DEFAULT)
-            for p in (precision if isinstance(precision, tuple) else (precision,))):
-        return f"dot_general precision={precision} asks for more than the kernel's default"
-    preferred = eqn.params.get("preferred_element_type")
-    if preferred is not None and np.dtype(preferred) != np.dtype(out_dtype):
-        return f"dot_general preferred_element_type={np.dtype(preferred)} differs from its result"
-    if out_dtype != x.aval.dtype:
-        return f"the matmul returns {out_dtype} from {x.aval.dtype} operands"
-    return None
-
-
 def _check_dense(b):
     dot = b["dot"]
     if tuple(b.root.aval.shape) != tuple(dot.aval.shape):
@@ -113,7 +92,7 @@ def _check_dense(b):
     if bias is not None and bias.aval.shape[-1] not in (1, dot.aval.shape[-1]):
         return NoMatch("the bias has {} entries for {} outputs", bias.aval.shape[-1],
                        dot.aval.shape[-1])
-    return _dot_problem(dot, b)
+    return precision_problem(b.producer(dot), operand_dtype=True)
 
 
 def _check_gated(b):
@@ -124,7 +103,8 @@ def _check_gated(b):
     if tuple(b.root.aval.shape) != tuple(gate.aval.shape):
         return NoMatch("the result {} is broadcast beyond the matmul's {}", b.root.aval.shape,
                        gate.aval.shape)
-    return _dot_problem(gate, b) or _dot_problem(up, b)
+    return (precision_problem(b.producer(gate), operand_dtype=True)
+            or precision_problem(b.producer(up), operand_dtype=True))
 
 
 def dense_act_replacement(x, w, b=None, *, activation, out_dtype, implementation):
@@ -147,9 +127,9 @@ def dense_act_pass(implementation=None, platform=None) -> RulePass:
     `implementation` and `platform`."""
     impl = kernel_choice(implementation, platform)
     dense = matmul("x", "w", "dot")
-    dense = Alt(Op(lax.add_p, dense, RowVector("b"), commutative=True), dense)
-    gated = Op(lax.mul_p, activation(matmul("x", "w_gate", "gate")), matmul("x", "w_up", "up"),
-               commutative=True)
+    dense = Alt(Prim(lax.add_p, dense, RowVector("b"), commutative=True), dense)
+    gated = Prim(lax.mul_p, activation(matmul("x", "w_gate", "gate")), matmul("x", "w_up", "up"),
+                 commutative=True)
 
     def params(b):
         return {"activation": _kind(b), "implementation": impl,

@@ -17,8 +17,8 @@ import numpy as np
 from jax import lax
 
 from passes.fusion._shared import described, kernel_choice
-from passes.pattern import (Alt, Capture, Cast, Inverse, Keep, Lit, Op, OptionalFactor,
-                            PatternRule, Product, RowVector, Same, Wildcard, fresh, is_floating,
+from passes.pattern import (Alt, Capture, Cast, Inverse, Keep, Lit, OptionalFactor, PatternRule,
+                            Prim, Product, RowVector, Same, Wildcard, fresh, is_floating,
                             maybe_cast, row_values)
 from passes.pipeline import RulePass
 from passes.rewrite import NoMatch
@@ -32,7 +32,7 @@ def _last_axis(axes, eqn):
 def mean_last(p):
     """The mean of `p` over its last axis: sum/n or sum*(1/n), keepdims and casts allowed."""
     src, n = fresh("summed"), fresh("n")
-    total = Keep(Op(lax.reduce_sum_p, Capture(src, maybe_cast(p)), params={"axes": _last_axis}))
+    total = Keep(Prim(lax.reduce_sum_p, Capture(src, maybe_cast(p)), params={"axes": _last_axis}))
 
     def count(reciprocal):
         def check(atom, b):
@@ -42,29 +42,29 @@ def mean_last(p):
         return check
 
     return maybe_cast(Keep(Alt(
-        Op(lax.div_p, total, Lit(name=n)).where(count(False), "mean"),
-        Op(lax.mul_p, total, Lit(name=n)).where(count(True), "mean"))))
+        Prim(lax.div_p, total, Lit(name=n)).where(count(False), "mean"),
+        Prim(lax.mul_p, total, Lit(name=n)).where(count(True), "mean"))))
 
 
 def square(p):
     t = fresh("sq")
-    return Alt(Op(lax.square_p, p), Op(lax.integer_pow_p, p, params={"y": 2}),
-               Op(lax.mul_p, Capture(t, p), Same(t)), Op(lax.pow_p, p, Lit(2.0)))
+    return Alt(Prim(lax.square_p, p), Prim(lax.integer_pow_p, p, params={"y": 2}),
+               Prim(lax.mul_p, Capture(t, p), Same(t)), Prim(lax.pow_p, p, Lit(2.0)))
 
 
 def inverse_root(statistic):
     """1 / sqrt(statistic + eps) in its spellings, as a factor of a `Product`."""
-    plus_eps = Keep(Op(lax.add_p, Keep(statistic),
-                       Lit(name="eps", where=lambda v: v >= 0 or "eps is negative")))
-    return Alt(Keep(Op(lax.rsqrt_p, plus_eps)),
-               Keep(Op(lax.div_p, Lit(1.0), Op(lax.sqrt_p, plus_eps))),
-               Keep(Op(lax.pow_p, plus_eps, Lit(-0.5))),
-               Inverse(Keep(Op(lax.sqrt_p, plus_eps))))
+    plus_eps = Keep(Prim(lax.add_p, Keep(statistic),
+                         Lit(name="eps", where=lambda v: v >= 0 or "eps is negative")))
+    return Alt(Keep(Prim(lax.rsqrt_p, plus_eps)),
+               Keep(Prim(lax.div_p, Lit(1.0), Prim(lax.sqrt_p, plus_eps))),
+               Keep(Prim(lax.pow_p, plus_eps, Lit(-0.5))),
+               Inverse(Keep(Prim(lax.sqrt_p, plus_eps))))
 
 
 def _scale():
-    return OptionalFactor(Alt(Op(lax.add_p, RowVector("scale"), Lit(name="scale_offset"),
-                           name="scale_plus_offset"),
+    return OptionalFactor(Alt(Prim(lax.add_p, RowVector("scale"), Lit(name="scale_offset"),
+                             name="scale_plus_offset"),
                         RowVector("scale")))
 
 
@@ -73,19 +73,19 @@ def layer_norm_pattern():
     # The variance usually reuses the centered x and the mean (CSE merged them): the identity
     # check comes first, a separate computation of the same is matched in full.
     mean = Alt(Same("mean"), mean_last(Same("x")))
-    centered = Alt(Same("centered"), Op(lax.sub_p, Same("x"), mean))
+    centered = Alt(Same("centered"), Prim(lax.sub_p, Same("x"), mean))
     two_pass = mean_last(square(centered))
-    fast = Op(lax.sub_p, mean_last(square(Same("x"))), square(mean))
-    variance = Alt(two_pass, Op(lax.max_p, fast, Lit(0.0)), fast)
-    normalized = Product(Op(lax.sub_p, x, Capture("mean", mean_last(Same("x"))), name="centered"),
+    fast = Prim(lax.sub_p, mean_last(square(Same("x"))), square(mean))
+    variance = Alt(two_pass, Prim(lax.max_p, fast, Lit(0.0)), fast)
+    normalized = Product(Prim(lax.sub_p, x, Capture("mean", mean_last(Same("x"))), name="centered"),
                          inverse_root(variance), _scale())
-    return Alt(Op(lax.add_p, normalized, RowVector("bias"), commutative=True), normalized)
+    return Alt(Prim(lax.add_p, normalized, RowVector("bias"), commutative=True), normalized)
 
 
 def rms_norm_pattern():
     mean_square = mean_last(square(Wildcard("x", dtype=is_floating)))
     return Product(inverse_root(mean_square),
-                   Alt(Op(lax.sub_p, Same("x"), Lit(0.0)), Same("x")), _scale())
+                   Alt(Prim(lax.sub_p, Same("x"), Lit(0.0)), Same("x")), _scale())
 
 
 def _check(b):
