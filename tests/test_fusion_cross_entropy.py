@@ -207,6 +207,25 @@ def test_matmul_and_loss_fused(layout, out_of_range):
     _rewritten(fn, h, w, _labels(4, out_of_range), rule="linear_cross_entropy")
 
 
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_fused_gradient_scatters_nothing_weight_sized(layout):
+    # The replacement reads the label's logit outside the kernel (for the original's special
+    # values); its gradient must not scatter into a weight-sized array of zeros.
+    h, w = _hidden(6)
+    w = w.T if layout == "vd" else w
+    def fn(h, w, l):
+        logits = h @ w.T if layout == "vd" else h @ w
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, l))
+    opt = passes.optimize(fn, Pipeline(cleanup_passes() + [cross_entropy_pass()]))
+    labels = _labels(6)
+    assert "linear_cross_entropy" in str(jax.make_jaxpr(opt)(h, w, labels))
+    assert count_primitive(jax.make_jaxpr(jax.grad(fn, argnums=1))(h, w, labels),
+                           "scatter-add") >= 1  # the original scatters into the logits
+    assert count_primitive(jax.make_jaxpr(jax.grad(opt, argnums=1))(h, w, labels),
+                           "scatter-add") == 0
+    assert_equivalent(lambda h, w: fn(h, w, labels), lambda h, w: opt(h, w, labels), h, w)
+
+
 def test_fused_one_hot_logsumexp_form_with_out_of_range_labels():
     def fn(h, w, l):
         x = h @ w

@@ -533,7 +533,7 @@ class _Logits:
         return kernel("softmax_cross_entropy")(self.logits, labels,
                                                implementation=self.implementation)
 
-    def logit_at(self, labels):
+    def logit_at(self, labels, columns):
         return jnp.take_along_axis(self.logits, labels[..., None], axis=-1)[..., 0]
 
     def row_max_finite(self, loss, picked):
@@ -554,10 +554,20 @@ class _Projected:
         return kernel("linear_cross_entropy")(self.h, self.w, labels, w_layout=self.layout,
                                               implementation=self.implementation)
 
-    def logit_at(self, labels):
+    def logit_at(self, labels, columns):
+        """The logit at each row's label. `_loss` differentiates it only on rows whose label
+        was out of range and replaced by one of `columns`, so its gradient flows through those
+        columns of w alone: a gather's gradient would scatter into a weight-sized array of
+        zeros (and under data parallelism be all-reduced on its own)."""
+        h = self.h.astype(jnp.float32)
         rows = jnp.take(self.w, labels, axis=0) if self.layout == "vd" else jnp.moveaxis(
             jnp.take(self.w, labels, axis=1), 0, -1)
-        return jnp.sum(self.h.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)
+        value = lax.stop_gradient(jnp.sum(h * rows.astype(jnp.float32), axis=-1))
+        for c in columns:
+            column = (self.w[c] if self.layout == "vd" else self.w[:, c]).astype(jnp.float32)
+            hit = jnp.where(labels == c, jnp.sum(h * column, axis=-1), 0)
+            value = value + (hit - lax.stop_gradient(hit))
+        return value
 
     def row_max_finite(self, loss, picked):
         return jnp.isfinite(self.logsumexp(loss, picked)) | (picked == -jnp.inf)
@@ -578,7 +588,9 @@ def _loss(plan, source, labels):
     clamped = plan.labels in ("clip", "promise")
     safe = jnp.clip(labels, 0, vocab - 1) if clamped else jnp.where(valid, labels, 0)
     kernel_loss = source.loss(safe)
-    picked = source.logit_at(safe).astype(kernel_loss.dtype)
+    # the labels that out-of-range ones become; the picked logit is differentiated only there
+    columns = (0, vocab - 1) if clamped else (0,)
+    picked = source.logit_at(safe, sorted(set(columns))).astype(kernel_loss.dtype)
     if plan.labels == "clip":
         loss = kernel_loss
     elif plan.labels == "promise":
