@@ -430,8 +430,8 @@ class Op:
     chooser: Callable | None = None
     # Implementations lowered (and compiled) on their own once per signature before first use.
     checked: set[str] = dataclasses.field(default_factory=set)
-    # (*args, **kwargs) -> _sharding.Rule: the factor names of the call's operands. With it,
-    # every implementation but "xla" runs per shard when several devices are visible
+    # (*args, **kwargs) -> _sharding.ShardingRule: the factor names of the call's operands.
+    # With it, every implementation but "xla" runs per shard when several devices are visible
     # (see _sharding.py); without it a partitioner gathers a kernel's operands.
     sharding: Callable | None = None
     # Whether "xla" runs per shard too: for an XLA implementation that the partitioners split

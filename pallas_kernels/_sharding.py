@@ -5,22 +5,26 @@ operand and run the whole kernel on every device. `per_shard` instead wraps an i
 `jax.experimental.custom_partitioning` (a Shardy sharding rule plus the GSPMD callbacks), forward
 and backward, so that each device runs the kernel on its own block.
 
-What the wrapper needs from an op is a `Rule`: a factor name per axis of every array operand and
-result, as in an einsum ("b q h d"), and which factors the kernel reduces over (`whole`, with the
-reason). A factor that is not `whole` splits freely: the kernel treats its blocks independently.
+What the wrapper needs from an op is a `ShardingRule`: a factor name per axis of every array
+operand and result, as in an einsum ("b q h d"), and which factors the kernel reduces over
+(`whole`, with the reason). A factor that is not `whole` splits freely: the kernel treats its
+blocks independently.
 In the backward, an operand's cotangent sums over the factors its operand lacks (a weight's
 gradient over the batch), so the wrapper adds the shards' partial cotangents with one `psum`.
 A `whole` factor that is split is either handled by a `Collective` the op supplies (vocabulary-
-parallel cross-entropy) or gathered for the kernel, with a warning naming the op and the reason;
-`gathers()` lists those events, so tests and experiments can see them.
+parallel cross-entropy, ring attention) or gathered for the kernel, with a warning naming the op
+and the reason; `gathers()` lists those events, so tests and experiments can see them. When a
+free and a `whole` factor claim the same mesh axes, the free one gets them (a column-split
+weight stays split; the activations' features are gathered).
 
 Inside `shard_map` (every mesh axis manual) custom_partitioning inlines the kernel on the local
 block, as it does on one device; `per_shard` adds nothing there. Under explicit sharding (mesh
 axes of type `AxisType.Explicit`, shardings in the operands' types) no partitioner runs: the same
-plan is carried out at trace time, operands resharded to it and the local function run in a
-`shard_map`. The backward recomputes the
-forward from the operands (residuals would need sharding rules of their own); the kernels'
-forward is cheap next to their backward.
+plan is carried out at trace time, the operands resharded to it and the local function run in a
+`shard_map`; cotangents come back placed like their primals.
+
+The backward recomputes the forward from the operands (residuals would need sharding rules of
+their own): one more forward kernel per op in a sharded backward.
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ class Collective:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
+class ShardingRule:
     """Factor names of an op's array operands and results.
 
     `args` and `kwargs` mirror the call's own, each array replaced by its axes' factor names, a
@@ -166,8 +170,8 @@ class _Plan:
 class _Partitioned:
     """One function of local blocks, wrapped in custom_partitioning for a rule."""
 
-    def __init__(self, name: str, local: Callable, operands: list, results: list, rule: Rule,
-                 *, backward: bool):
+    def __init__(self, name: str, local: Callable, operands: list, results: list,
+                 rule: ShardingRule, *, backward: bool):
         # `rule.collectives` holds only the implementation's own (see `per_shard`)
         self.name, self.local, self.rule, self.backward = name, local, rule, backward
         self.operands = [_axes_of(d) for d in operands]
@@ -337,7 +341,8 @@ def _explicit_mesh(arrays):
 
 # -- the wrapper -------------------------------------------------------------------------------
 
-def per_shard(name: str, fn: Callable, rule: Rule, bound, implementation: str = "pallas") -> Any:
+def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
+              implementation: str = "pallas") -> Any:
     """`fn` called on `bound`'s arguments, forward and backward on each device's own block.
 
     `bound` is the dispatcher's `_BoundCall` of the call; `rule` its factor names;

@@ -11,7 +11,7 @@ warning.
 from __future__ import annotations
 
 from pallas_kernels._dispatch import target_platform
-from pallas_kernels._sharding import Collective, Rule
+from pallas_kernels._sharding import Collective, ShardingRule
 from pallas_kernels.attention.ring import ring_backward, ring_forward
 
 _WHOLE = {
@@ -41,7 +41,7 @@ def attention_sharding(q, k, v, *, causal, mask, bias, scale):
     # bias, and for causal attention the same positions.
     ring = (target_platform() != "tpu" and mask is None and bias is None
             and (not causal or q.shape[1] == k.shape[1]))
-    return Rule(args=(f"b q {heads} d", "b k g d", "b k g d"),
+    return ShardingRule(args=(f"b q {heads} d", "b k g d", "b k g d"),
                 kwargs=dict(causal=causal, mask=_broadcast(mask, f"b {heads} q k"),
                             bias=_broadcast(bias, f"b {heads} q k"), scale=scale),
                 results=(f"b q {heads} d",), whole=whole,

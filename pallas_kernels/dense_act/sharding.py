@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._sharding import Collective, Rule, batch_dims
+from pallas_kernels._sharding import Collective, ShardingRule, batch_dims
 from pallas_kernels.dense_act.xla import _XLA_ACTIVATIONS
 
 _WHOLE = {"i": "the activation follows the sum over d_in"}
@@ -81,12 +81,12 @@ GATED_ROW_PARALLEL = Collective("i", _gated_forward, _gated_backward)
 
 def dense_act_sharding(x, w, b=None, *, activation):
     rows = batch_dims(x.ndim - 1)
-    return Rule(args=(f"{rows} i", "i o", None if b is None else "o"),
+    return ShardingRule(args=(f"{rows} i", "i o", None if b is None else "o"),
                 kwargs=dict(activation=activation), results=(f"{rows} o",), whole=_WHOLE,
                 collectives=(DENSE_ROW_PARALLEL,))
 
 
 def gated_dense_sharding(x, w_gate, w_up, *, activation):
     rows = batch_dims(x.ndim - 1)
-    return Rule(args=(f"{rows} i", "i o", "i o"), kwargs=dict(activation=activation),
+    return ShardingRule(args=(f"{rows} i", "i o", "i o"), kwargs=dict(activation=activation),
                 results=(f"{rows} o",), whole=_WHOLE, collectives=(GATED_ROW_PARALLEL,))

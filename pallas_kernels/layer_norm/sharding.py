@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._sharding import Collective, Rule, batch_dims
+from pallas_kernels._sharding import Collective, ShardingRule, batch_dims
 
 _WHOLE = {"f": "each row's statistics run over all its features"}
 
@@ -94,12 +94,12 @@ RMS_NORM_FEATURE_PARALLEL = Collective("f", _rms_norm_forward, _rms_norm_backwar
 
 def layer_norm_sharding(x, scale=None, bias=None, *, eps):
     rows = batch_dims(x.ndim - 1)
-    return Rule(args=(f"{rows} f", _param(scale), _param(bias)), kwargs=dict(eps=_eps(eps)),
+    return ShardingRule(args=(f"{rows} f", _param(scale), _param(bias)), kwargs=dict(eps=_eps(eps)),
                 results=(f"{rows} f",), whole=_WHOLE,
                 collectives=(LAYER_NORM_FEATURE_PARALLEL,))
 
 
 def rms_norm_sharding(x, scale=None, *, eps):
     rows = batch_dims(x.ndim - 1)
-    return Rule(args=(f"{rows} f", _param(scale)), kwargs=dict(eps=_eps(eps)),
+    return ShardingRule(args=(f"{rows} f", _param(scale)), kwargs=dict(eps=_eps(eps)),
                 results=(f"{rows} f",), whole=_WHOLE, collectives=(RMS_NORM_FEATURE_PARALLEL,))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._sharding import Collective, Rule, batch_dims
+from pallas_kernels._sharding import Collective, ShardingRule, batch_dims
 from pallas_kernels.linear_cross_entropy.common import chunk_columns, linear_loss_dtype
 from pallas_kernels.linear_cross_entropy.triton import (linear_cross_entropy_backward,
                                                         linear_cross_entropy_config_heuristic,
@@ -98,7 +98,7 @@ VOCAB_PARALLEL = tuple(
 def linear_cross_entropy_sharding(x, w, labels, *, w_layout):
     rows = batch_dims(labels.ndim)
     weight = "d v" if w_layout == "dv" else "v d"
-    return Rule(args=(f"{rows} d", weight, rows), kwargs=dict(w_layout=w_layout),
+    return ShardingRule(args=(f"{rows} d", weight, rows), kwargs=dict(w_layout=w_layout),
                 results=(rows,),
                 whole={"d": "the logits contract d",
                        "v": "the log-sum-exp runs over the whole vocabulary"},

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._sharding import Collective, Rule, batch_dims
+from pallas_kernels._sharding import Collective, ShardingRule, batch_dims
 from pallas_kernels.softmax_cross_entropy.common import normalize_labels
 
 
@@ -53,6 +53,6 @@ VOCAB_PARALLEL = Collective("v", _forward, _backward)
 
 def softmax_cross_entropy_sharding(logits, labels):
     rows = batch_dims(labels.ndim)
-    return Rule(args=(f"{rows} v", rows), kwargs={}, results=(rows,),
+    return ShardingRule(args=(f"{rows} v", rows), kwargs={}, results=(rows,),
                 whole={"v": "the log-sum-exp runs over the whole vocabulary"},
                 collectives=(VOCAB_PARALLEL,))
