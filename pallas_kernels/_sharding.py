@@ -40,6 +40,8 @@ from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, 
                                                   custom_partitioning)
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pallas_kernels import _target
+
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
@@ -361,14 +363,26 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
             lambda *a: bound.call(fn, a),
             *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]))
 
+    # The partitioners call the local functions when the program is compiled, outside the
+    # op's call: they run under the kernel choice (platform, interpret mode) of the call.
+    choice = _target.current()
+
     def forward_local(handler, *local):
+        with _target.using(choice):
+            return _forward_local(handler, *local)
+
+    def backward_local(handler, *local):
+        with _target.using(choice):
+            return _backward_local(handler, *local)
+
+    def _forward_local(handler, *local):
         if handler is not None:
             collective, axes, shards = handler
             return jax.tree_util.tree_leaves(
                 bound.call(functools.partial(collective.forward, axes, shards), local))
         return jax.tree_util.tree_leaves(bound.call(fn, local))
 
-    def backward_local(handler, *local):
+    def _backward_local(handler, *local):
         primals, cotangents = local[:n], local[n:]
         if handler is not None:
             collective, axes, shards = handler

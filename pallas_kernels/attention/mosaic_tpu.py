@@ -527,3 +527,49 @@ def attention_mosaic_tpu(q, k, v, *, causal=False, mask=None, bias=None, scale=N
                           default_config(q_len, kv_len, q.dtype))
     return _flash_attention(q, k, v, mask, bias, causal=bool(causal), scale=scale, config=config,
                             interpret=current().interpret)
+
+
+# ---------------------------------------------------------------------------------------------
+# One (query block, key block) pair, for ring attention (see ring.py)
+
+
+def _block_plan(q, k, *, causal: bool, scale: float) -> _Plan:
+    q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
+    kv_len = k.shape[1]
+    config = default_config(q_len, kv_len, q.dtype)
+    return _Plan(group=H // k.shape[2], q_len=q_len, kv_len=kv_len, block_q=config.block_q,
+                 block_k=config.block_k, head_dim=d, scale=scale, causal=causal, mask=None,
+                 bias=None, interpret=current().interpret)
+
+
+def _heads_major(x, rows: int):
+    """(batch, seq, heads, d) -> (batch, heads, seq padded to `rows`, d)."""
+    return tt.pad_axis(x.transpose(0, 2, 1, 3), 2, rows)
+
+
+def block_forward(q, k, v, *, causal: bool, scale: float):
+    """Attention of q over one block of keys: (output normalised over that block, row max,
+    row sum), statistics (batch, heads, q_len) in float32 (natural base). No mask or bias; with
+    `causal` q and k are the same positions."""
+    plan = _block_plan(q, k, causal=causal, scale=scale)
+    q_pad = tt.round_up(plan.q_len, plan.block_q)
+    kv_pad = tt.round_up(plan.kv_len, plan.block_k)
+    out, (m, inv_l) = _forward(_heads_major(q, q_pad), _heads_major(k, kv_pad),
+                               _heads_major(v, kv_pad), None, None, plan)
+    n = plan.q_len
+    return out[:, :, :n].transpose(0, 2, 1, 3), m[:, :, :n, 0], 1.0 / inv_l[:, :, :n, 0]
+
+
+def block_backward(q, k, v, out, m, inv_l, do, *, causal: bool, scale: float):
+    """(dq, dk, dv) of one block pair, given the output and statistics (row max, 1 / row sum)
+    of q's rows over every key."""
+    plan = _block_plan(q, k, causal=causal, scale=scale)
+    q_pad = tt.round_up(plan.q_len, plan.block_q)
+    kv_pad = tt.round_up(plan.kv_len, plan.block_k)
+    stat = lambda s: tt.pad_axis(s[..., None], 2, q_pad)  # noqa: E731 (padded rows: p = 0)
+    dq, dk, dv, _ = _backward(_heads_major(q, q_pad), _heads_major(k, kv_pad),
+                              _heads_major(v, kv_pad), None, None, _heads_major(out, q_pad),
+                              (stat(m), stat(inv_l)), _heads_major(do, q_pad).astype(q.dtype),
+                              plan)
+    back = lambda x, n: x[:, :, :n].transpose(0, 2, 1, 3)  # noqa: E731
+    return back(dq, plan.q_len), back(dk, plan.kv_len), back(dv, plan.kv_len)

@@ -4,16 +4,17 @@ on local blocks (Liu et al., 2023).
 Each device holds a block of queries and the key/value block of the same positions. Over
 `shards` steps the key/value blocks travel around the ring (`ppermute` to the next device);
 each device attends its queries to the block it holds and merges the result into a running
-output with the blocks' row max and row sum (the flash-attention merge, in base 2 as the
-kernels keep them). With `causal` the first step is the diagonal block (masked causally), and a
+output with the blocks' row max and row sum (the flash-attention merge, in the base the kernels
+keep them in: 2 for Triton, e for Mosaic). With `causal` the first step is the diagonal block (masked causally), and a
 block from a later position (every block a device receives after it has passed its own
 predecessors) is skipped. The backward runs the ring again: the key/value blocks travel with
 their gradient accumulators, each step adds the block pair's dK/dV (from the global statistics,
 so no second merge is needed) and dQ stays local; one last step returns the accumulators to
 their owners. Nothing of size sequence x sequence, and no whole sequence, is ever on one device.
 
-Used by `attention`'s sharding rule (sharding.py) when queries and keys are split over the same
-mesh axes, with no mask or bias and (for `causal`) equal lengths; the sequence order is the
+The block kernels are the "pallas" implementation's for the target platform (triton.py or
+mosaic_tpu.py). Used by `attention`'s sharding rule (sharding.py) when queries and keys are
+split over the same mesh axes, with no mask or bias and (for `causal`) equal lengths; the sequence order is the
 mesh axes' row-major order, as `PartitionSpec` lays it out.
 """
 from __future__ import annotations
@@ -21,10 +22,19 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.attention import mosaic_tpu, triton
 from pallas_kernels.attention.common import canonicalize
-from pallas_kernels.attention.triton import block_backward, block_forward
+from pallas_kernels._dispatch import target_platform
 
 _F32 = jnp.float32
+
+
+def _kernels():
+    """(block forward, block backward, exponential of their statistics' base) for the target:
+    the Triton kernels keep their statistics in base 2, the Mosaic ones in base e."""
+    if target_platform() == "tpu":
+        return mosaic_tpu.block_forward, mosaic_tpu.block_backward, jnp.exp
+    return triton.block_forward, triton.block_backward, jnp.exp2
 
 
 def _rows(stat):
@@ -44,6 +54,7 @@ def _later(axes, step):
 
 
 def _ring_statistics(axes, shards, q, k, v, causal, scale):
+    block_forward, _, exp = _kernels()
     out, m, l = block_forward(q, k, v, causal=causal, scale=scale)
     out = out.astype(_F32)
     for step in range(1, shards):
@@ -58,7 +69,7 @@ def _ring_statistics(axes, shards, q, k, v, causal, scale):
 
         o, m_b, l_b = lax.cond(_later(axes, step), skip, attend) if causal else attend()
         top = jnp.maximum(m, m_b)
-        a, b = l * jnp.exp2(m - top), l_b * jnp.exp2(m_b - top)
+        a, b = l * exp(m - top), l_b * exp(m_b - top)
         l = a + b
         out = (out * _rows(a) + o * _rows(b)) / _rows(l)
         m = top
@@ -76,6 +87,7 @@ def ring_backward(axes, shards, cotangents, q, k, v, *, causal, mask, bias, scal
     q, k, v, mask, bias, scale = canonicalize(q, k, v, mask, bias, scale)
     out, m, l = _ring_statistics(axes, shards, q, k, v, causal, scale)
     out, inv_l = out.astype(q.dtype), 1.0 / l
+    block_backward = _kernels()[1]
     dq = jnp.zeros(q.shape, _F32)
     dk, dv = jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32)
     for step in range(shards):

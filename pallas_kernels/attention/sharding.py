@@ -10,13 +10,12 @@ warning.
 """
 from __future__ import annotations
 
-from pallas_kernels._dispatch import target_platform
 from pallas_kernels._sharding import Collective, ShardingRule
 from pallas_kernels.attention.ring import ring_backward, ring_forward
 
 _WHOLE = {
     "k": "the kernel's softmax runs over every key (ring attention takes keys split only with "
-         "the queries split alike, no mask or bias, and Triton kernels)",
+         "the queries split alike and no mask or bias)",
     "d": "the kernel contracts the logits over head_dim",
 }
 _CAUSAL_Q = ("the causal mask is placed by absolute query position, which a query block does "
@@ -37,10 +36,9 @@ def attention_sharding(q, k, v, *, causal, mask, bias, scale):
     group = q.shape[2] // k.shape[2]
     heads = "g" if group == 1 else "g*r"
     whole = dict(_WHOLE, **({"q": _CAUSAL_Q} if causal else {}))
-    # Ring attention takes queries and keys split alike: the Triton kernels' blocks, no mask or
-    # bias, and for causal attention the same positions.
-    ring = (target_platform() != "tpu" and mask is None and bias is None
-            and (not causal or q.shape[1] == k.shape[1]))
+    # Ring attention takes queries and keys split alike: no mask or bias, and for causal
+    # attention the same positions.
+    ring = mask is None and bias is None and (not causal or q.shape[1] == k.shape[1])
     return ShardingRule(args=(f"b q {heads} d", "b k g d", "b k g d"),
                 kwargs=dict(causal=causal, mask=_broadcast(mask, f"b {heads} q k"),
                             bias=_broadcast(bias, f"b {heads} q k"), scale=scale),
