@@ -165,6 +165,12 @@ class AttentionCases:
         self.run_and_check(5, batch=1, q_len=26, kv_len=30, heads=4, kv_heads=2, head_dim=40,
                            mask_shape=(1, 1, 26, 30), bias_shape=(4, 26, 30), scale=0.37)
 
+    def test_float32_inputs_with_x64_enabled(self):
+        # With jax_enable_x64 Python ints are int64: the kernels' index arithmetic stays int32.
+        with jax.enable_x64(True):
+            self.run_and_check(9, batch=2, q_len=21, kv_len=30, heads=4, kv_heads=2,
+                               mask_shape=(2, 1, 21, 30), bias_shape=(1, 1, 21, 30), causal=True)
+
     def test_fully_masked_rows_are_zero(self):
         q, k, v, _, _, ct = random_inputs(6, batch=1, q_len=18, kv_len=24, heads=2)
         mask = np.ones((1, 2, 18, 24), bool)

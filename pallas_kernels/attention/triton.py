@@ -189,8 +189,18 @@ def _dot_nn(a, b):
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
 
 
+def _div(a, b):
+    """a // b for non-negative integer arrays and a static divisor, in a's own dtype (with
+    jax_enable_x64 a Python int would be int64 beside the kernel's int32 indices)."""
+    return lax.div(a, lax.convert_element_type(b, a.dtype))
+
+
+def _rem(a, b):
+    return lax.rem(a, lax.convert_element_type(b, a.dtype))
+
+
 def _cdiv(a, b):
-    return lax.div(a + (b - 1), b)
+    return _div(a + (b - 1), b)
 
 
 def _keep(plan: _Plan, q0, k0, shape, mask_tile, structural: bool, transposed: bool = False):
@@ -223,7 +233,7 @@ def _kv_blocks(plan: _Plan, q0, block_q: int, block_k: int):
         return n_unpadded, n_blocks
     last_row = jnp.minimum(q0 + block_q, plan.q_len) - 1
     n_total = jnp.clip(_cdiv(jnp.maximum(last_row + plan.offset + 1, 0), block_k), 0, n_blocks)
-    n_clean = lax.div(jnp.maximum(q0 + plan.offset + 1, 0), block_k)
+    n_clean = _div(jnp.maximum(q0 + plan.offset + 1, 0), block_k)
     n_clean = jnp.minimum(jnp.minimum(n_clean, n_unpadded), n_total)
     return n_clean, n_total
 
@@ -233,7 +243,7 @@ def _q_blocks(plan: _Plan, k0, block_q: int, block_k: int):
     the causal or padding mask, the rest do not."""
     n_q = -(-plan.q_len // block_q)  # blocks holding real queries; the rest is all padding
     if plan.causal:
-        start = jnp.minimum(lax.div(jnp.maximum(k0 - plan.offset, 0), block_q), n_q)
+        start = jnp.minimum(_div(jnp.maximum(k0 - plan.offset, 0), block_q), n_q)
         clean = _cdiv(jnp.maximum(k0 + block_k - 1 - plan.offset, 0), block_q)
         clean = jnp.clip(clean, start, n_q)
     else:
@@ -477,9 +487,9 @@ def _dbias_kernel(*refs, plan: _Plan):
                 pl.ds(k0, bk) if layout.k else slice(None))
 
     def step(t, acc):
-        t, j = lax.div(t, n_j), lax.rem(t, n_j)
-        t, i = lax.div(t, n_i), lax.rem(t, n_i)
-        b, h = lax.div(t, n_h), lax.rem(t, n_h)
+        t, j = _div(t, n_j), _rem(t, n_j)
+        t, i = _div(t, n_i), _rem(t, n_i)
+        b, h = _div(t, n_h), _rem(t, n_h)
         b = pb if lay.batch else b
         h = ph if lay.heads else h
         q0 = pl.multiple_of((pi if lay.q else i) * bq, bq)
