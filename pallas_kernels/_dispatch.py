@@ -357,11 +357,13 @@ def measured_order(op: "Op", args, kwargs) -> list[str]:
 def tuned_config(what: str, run: Callable, args, kwargs, space: Sequence[Any], default: Any):
     """The fastest config in `space` for `run(*args, config=c, **kwargs)`, timed on the device.
 
-    Returns `default` (the heuristic) in interpret mode, when `space` is empty, or with the
-    environment variable PALLAS_KERNELS_AUTOTUNE=0. Configs are frozen dataclasses; the winner is
-    kept in the JSON cache under `what` and the call's signature.
+    Returns `default` (the heuristic) in interpret mode, for a platform this host lacks (lowering
+    for export: nothing could be timed), when `space` is empty, or with the environment variable
+    PALLAS_KERNELS_AUTOTUNE=0. Configs are frozen dataclasses; the winner is kept in the JSON
+    cache under `what` and the call's signature.
     """
-    if not space or interpret_mode() or os.environ.get("PALLAS_KERNELS_AUTOTUNE") == "0":
+    if (not space or interpret_mode() or not _target.current().on_host
+            or os.environ.get("PALLAS_KERNELS_AUTOTUNE") == "0"):
         return default
     bound = _BoundCall.of(args, kwargs)
     key = _cache_key(f"{what} config", bound)

@@ -16,7 +16,6 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _pallas_compat as compat  # noqa: F401 (kernel files use tt.compat)
 from pallas_kernels._dispatch import tuned_config
-from pallas_kernels._target import current
 
 LANES = 128
 VMEM_BUDGET = 16 << 20  # bytes of VMEM one kernel may use: every TPU generation has this much
@@ -47,13 +46,9 @@ def within_budget(default, candidates: Iterable, vmem: Callable[..., int]) -> li
     return [c for c in dict.fromkeys([default, *candidates]) if vmem(c) <= VMEM_BUDGET]
 
 
-def tuned(what: str, run: Callable, args, kwargs, space: Sequence, default):
-    """`_dispatch.tuned_config` for a Mosaic kernel: the config in `space` measured fastest on
-    this host's TPU; `default` where the kernels cannot be timed here (interpret mode, or lowered
-    for a TPU this host lacks)."""
-    if not current().on_host:
-        return default
-    return tuned_config(what, run, args, kwargs, space, default)
+# The Mosaic kernels' block-size search: the config in a space measured fastest on this host's
+# TPU, the default where nothing can be timed (interpret mode, or lowered for an absent TPU).
+tuned = tuned_config
 
 
 def pad_axis(x, axis: int, size: int, value=0):

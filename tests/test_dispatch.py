@@ -276,6 +276,23 @@ def test_tuned_config_is_the_heuristic_on_cpu():
                                   [ToyConfig(1)], ToyConfig(7)) == ToyConfig(7)
 
 
+def test_tuned_config_is_the_heuristic_when_lowering_for_an_absent_platform(monkeypatch):
+    # Exporting for a GPU from a CPU host (kernels lowered, not interpreted): nothing can be
+    # timed, so no config is tried.
+    tried = []
+
+    def run(x, *, config):
+        tried.append(config)
+        return toy_run(x, config=config)
+
+    choice = _target.KernelChoice.of("pallas", "gpu", interpret=False)
+    with _target.using(choice):
+        assert not choice.on_host and not _dispatch.interpret_mode()
+        assert _dispatch.tuned_config("toy/pallas", run, (jnp.ones(2),), {},
+                                      [ToyConfig(1), ToyConfig(2)], ToyConfig(7)) == ToyConfig(7)
+    assert tried == []
+
+
 def test_unwritable_cache_warns_and_keeps_the_choice_in_memory(simulated_gpu, monkeypatch,
                                                                 tmp_path):
     _, timed = simulated_gpu
