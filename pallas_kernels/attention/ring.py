@@ -5,17 +5,18 @@ Each device holds a block of queries and the key/value block of the same positio
 `shards` steps the key/value blocks travel around the ring (`ppermute` to the next device);
 each device attends its queries to the block it holds and merges the result into a running
 output with the blocks' row max and row sum (the flash-attention merge, in the base the kernels
-keep them in: 2 for Triton, e for Mosaic). With `causal` the first step is the diagonal block (masked causally), and a
-block from a later position (every block a device receives after it has passed its own
-predecessors) is skipped. The backward runs the ring again: the key/value blocks travel with
-their gradient accumulators, each step adds the block pair's dK/dV (from the global statistics,
-so no second merge is needed) and dQ stays local; one last step returns the accumulators to
-their owners. Nothing of size sequence x sequence, and no whole sequence, is ever on one device.
+keep them in: 2 for Triton, e for Mosaic). With `causal` the first step is the diagonal block
+(masked causally), and a block from a later position (every block a device receives after it
+has passed its own predecessors) is skipped. The backward runs the ring again: the key/value
+blocks travel with their gradient accumulators, each step adds the block pair's dK/dV (from the
+global statistics, so no second merge is needed) and dQ stays local; one last step returns the
+accumulators to their owners. Nothing of size sequence x sequence, and no whole sequence, is
+ever on one device.
 
 The block kernels are the "pallas" implementation's for the target platform (triton.py or
 mosaic_tpu.py). Used by `attention`'s sharding rule (sharding.py) when queries and keys are
-split over the same mesh axes, with no mask or bias and (for `causal`) equal lengths; the sequence order is the
-mesh axes' row-major order, as `PartitionSpec` lays it out.
+split over the same mesh axes, with no mask or bias and (for `causal`) equal lengths; the
+sequence order is the mesh axes' row-major order, as `PartitionSpec` lays it out.
 """
 from __future__ import annotations
 

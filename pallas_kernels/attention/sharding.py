@@ -36,9 +36,10 @@ def attention_sharding(q, k, v, *, causal, mask, bias, scale):
     group = q.shape[2] // k.shape[2]
     heads = "g" if group == 1 else "g*r"
     whole = dict(_WHOLE, **({"q": _CAUSAL_Q} if causal else {}))
-    # Ring attention takes queries and keys split alike: no mask or bias, and for causal
-    # attention the same positions.
-    ring = mask is None and bias is None and (not causal or q.shape[1] == k.shape[1])
+    # Ring attention takes queries and keys split alike: no mask or bias, something to attend
+    # (an empty call is answered before any kernel), and for causal attention the same positions.
+    ring = (mask is None and bias is None and q.size > 0 and k.size > 0
+            and (not causal or q.shape[1] == k.shape[1]))
     return ShardingRule(args=(f"b q {heads} d", "b k g d", "b k g d"),
                 kwargs=dict(causal=causal, mask=_broadcast(mask, f"b {heads} q k"),
                             bias=_broadcast(bias, f"b {heads} q k"), scale=scale),
