@@ -31,11 +31,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import threading
 import warnings
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, SdyShardingRule,
                                                   custom_partitioning)
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -173,12 +175,14 @@ class _Partitioned:
     """One function of local blocks, wrapped in custom_partitioning for a rule."""
 
     def __init__(self, name: str, local: Callable, operands: list, results: list,
-                 rule: ShardingRule, *, backward: bool):
-        # `rule.collectives` holds only the implementation's own (see `per_shard`)
+                 rule: ShardingRule, *, backward: bool, result_shapes: list):
+        # `rule.collectives` holds only the implementation's own (see `per_shard`).
+        # `local(handler, local_result_shapes, *blocks)`; `result_shapes` are global.
         self.name, self.local, self.rule, self.backward = name, local, rule, backward
+        self.result_shapes = result_shapes
         self.operands = [_axes_of(d) for d in operands]
         self.results = [_axes_of(d) for d in results]
-        self.fn = custom_partitioning(lambda *arrays: tuple(local(None, *arrays)))
+        self.fn = custom_partitioning(lambda *arrays: tuple(local(None, result_shapes, *arrays)))
         ones = [0]
         sdy = SdyShardingRule(
             tuple(_mapping(a, ones) for a in self.operands),
@@ -271,9 +275,11 @@ class _Partitioned:
 
         axes = None if collective is None else factor_axes[collective.factor]
         handler = None if collective is None else (collective, axes, _size(mesh, axes))
+        local_shapes = [jax.ShapeDtypeStruct(sh.shard_shape(r.shape), r.dtype)
+                        for sh, r in zip(result_shardings, self.result_shapes)]
 
         def lower(*arrays):
-            results = list(self.local(handler, *arrays))
+            results = list(self.local(handler, local_shapes, *arrays))
             if sums is not None:
                 for i, over in enumerate(sums):
                     over = tuple(m for m in over
@@ -341,6 +347,135 @@ def _explicit_mesh(arrays):
     return None
 
 
+# -- residuals -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Residuals:
+    """Where the backward finds each residual of the kernel's VJP: ("operand", j), ("result",
+    j) or ("saved", i); the saved ones are extra results of the forward call, with factor
+    names inferred from how their shapes follow the operands'."""
+    kinds: tuple
+    dims: tuple[str, ...]  # per saved residual
+    shapes: tuple  # global ShapeDtypeStructs of the saved residuals
+
+
+_residual_layouts: dict = {}  # (op, implementation, call signature, kernel choice) -> layout
+
+
+def _vjp(bound, fn, diff, arrays):
+    """The call's results, its VJP's residuals and the VJP's tree structure, traced."""
+    def of_floats(*floats):
+        full = list(arrays)
+        for j, x in zip(diff, floats):
+            full[j] = x
+        return jax.tree_util.tree_leaves(bound.call(fn, full))
+
+    outs, vjp_fn = jax.vjp(of_floats, *[arrays[j] for j in diff])
+    leaves, treedef = jax.tree_util.tree_flatten(vjp_fn)
+    return outs, leaves, treedef
+
+
+def _residual_kinds(bound, fn, diff, shapes):
+    """(kind of each residual, saved residuals' shapes) of the VJP at operands of these shapes.
+
+    A residual is ("operand", j), ("result", r), ("view", j, dtype): operand j reshaped and at
+    most once converted (remade in the backward), or ("saved", i): saved by the forward.
+    """
+    closed, (outs, leaves) = jax.make_jaxpr(
+        lambda *a: _vjp(bound, fn, diff, a)[:2], return_shape=True)(*shapes)
+    jaxpr = closed.jaxpr
+    is_var = lambda v: isinstance(v, jax.extend.core.Var)  # noqa: E731
+    inputs = {v: j for j, v in enumerate(jaxpr.invars)}
+    results = {v: r for r, v in enumerate(jaxpr.outvars[:len(outs)]) if is_var(v)}
+    producer = {v: e for e in jaxpr.eqns for v in e.outvars}
+    kinds, saved = [], []
+    for v, shape in zip(jaxpr.outvars[len(outs):], leaves):
+        kind, source, converts = None, v, 0
+        while is_var(source) and kind is None:
+            if source in inputs:
+                kind = (("operand", inputs[v]) if source is v else
+                        ("view", inputs[source], jnp.dtype(shape.dtype).name))
+            elif source is v and source in results:
+                kind = ("result", results[v])
+            else:
+                eqn = producer.get(source)
+                name = eqn.primitive.name if eqn is not None else None
+                converts += name == "convert_element_type"
+                if name not in ("reshape", "convert_element_type") or converts > 1:
+                    break
+                source = eqn.invars[0]
+        if kind is None:
+            kind = ("saved", len(saved))
+            saved.append(shape)
+        kinds.append(kind)
+    return tuple(kinds), tuple(saved)
+
+
+def _infer_residuals(bound, fn, diff, operand_dims, rule) -> _Residuals | None:
+    """The residuals' layout, or None (the backward then recomputes the forward).
+
+    Each operand factor's size is doubled and halved in turn; a residual axis that follows
+    one factor exactly is named after it, one that is the product of several (rows flattened)
+    after them, the first major ("a0*a1": only a0 splits), one that follows none is never split
+    ("1"); anything else (padding) gives None. A layout that does not fit the blocks a plan
+    makes is caught again where the blocks are known (see `per_shard`).
+    """
+    operands = [_axes_of(d) for d in operand_dims]
+    base = bound.abstract()
+    if any(a.size == 0 for a in base) or not diff:
+        return None
+    try:
+        kinds, saved = _residual_kinds(bound, fn, diff, base)
+    except Exception:  # noqa: BLE001 - any failure only means: recompute
+        return None
+    if not saved:
+        return _Residuals(kinds, (), ())
+    # the size of each factor (an axis "g*r" holds g's size times the minor factors' sizes)
+    factor_size, axis_of = {}, {}
+    for axes, a in zip(operands, base):
+        for ax, n in zip(axes, a.shape):
+            if ax:
+                minor = 1
+                for m in ax[1:]:
+                    minor *= rule.sizes.get(m, 1)
+                factor_size.setdefault(ax[0], n // minor)
+                axis_of.setdefault((ax[0], n), "*".join(ax))
+    follows = [[[] for _ in r.shape] for r in saved]
+    for f, size in factor_size.items():
+        for new in {2 * size, size // 2 if size % 2 == 0 else 0} - {0}:
+            shapes = [jax.ShapeDtypeStruct(
+                tuple(n * new // size if ax and ax[0] == f else n for ax, n in zip(axes, a.shape)),
+                a.dtype) for axes, a in zip(operands, base)]
+            try:
+                kinds2, saved2 = _residual_kinds(bound, fn, diff, shapes)
+            except Exception:  # noqa: BLE001
+                return None
+            if kinds2 != kinds or [r.ndim for r in saved2] != [r.ndim for r in saved]:
+                return None
+            for i, (r, r2) in enumerate(zip(saved, saved2)):
+                for k, (n, n2) in enumerate(zip(r.shape, r2.shape)):
+                    if n == n2:
+                        continue
+                    if n2 * size != n * new:
+                        return None
+                    if f not in follows[i][k]:
+                        follows[i][k].append(f)
+    dims = []
+    for r, fs in zip(saved, follows):
+        parts = []
+        for n, fs_ in zip(r.shape, fs):
+            if not fs_:
+                parts.append("1")
+            elif len(fs_) == 1 and (fs_[0], n) in axis_of:  # like an operand's axis
+                parts.append(axis_of[(fs_[0], n)])
+            elif n == math.prod(factor_size[f] for f in fs_):
+                parts.append("*".join(fs_))
+            else:
+                return None
+        dims.append(" ".join(parts))
+    return _Residuals(kinds, tuple(dims), saved)
+
+
 # -- the wrapper -------------------------------------------------------------------------------
 
 def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
@@ -358,65 +493,117 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
     arrays = [bound.leaves[i] for i in positions]
     diff = bound.differentiable()
     n = len(arrays)
-    with without_explicit_mesh():
-        out_tree = jax.tree_util.tree_structure(jax.eval_shape(
-            lambda *a: bound.call(fn, a),
-            *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]))
-
     # The partitioners call the local functions when the program is compiled, outside the
     # op's call: they run under the kernel choice (platform, interpret mode) of the call.
     choice = _target.current()
+    with without_explicit_mesh():
+        out_shapes = jax.eval_shape(lambda *a: bound.call(fn, a), *bound.abstract())
+        key = (name, implementation, bound.key, choice)
+        if key not in _residual_layouts:
+            _residual_layouts[key] = _infer_residuals(bound, fn, diff, operand_dims, rule)
+        residuals = _residual_layouts[key]
+    out_tree = jax.tree_util.tree_structure(out_shapes)
+    out_shapes = jax.tree_util.tree_leaves(out_shapes)
+    n_out = len(out_shapes)
+    # forward results: the op's, then the saved residuals and whether they hold (a flag: a
+    # forward that ran a collective, or whose blocks the layout does not fit, saves zeros)
+    saved_dims = list(residuals.dims) if residuals else []
+    saved_shapes = list(residuals.shapes) if residuals else []
+    flag = [jax.ShapeDtypeStruct((), jnp.bool_)] if residuals else []
+    uses_results = residuals is not None and any(k[0] == "result" for k in residuals.kinds)
 
-    def forward_local(handler, *local):
+    def forward_local(handler, expected, *local):
         with _target.using(choice):
-            return _forward_local(handler, *local)
+            if handler is not None:
+                collective, axes, shards = handler
+                outs = jax.tree_util.tree_leaves(
+                    bound.call(functools.partial(collective.forward, axes, shards), local))
+            elif residuals is not None:
+                outs, leaves, _ = _vjp(bound, fn, diff, list(local))
+                want = expected[n_out:n_out + len(saved_shapes)]
+                if _fits(local, want):
+                    saved = [leaves[i] for i, k in enumerate(residuals.kinds) if k[0] == "saved"]
+                    return list(outs) + saved + [jnp.array(True)]
+            else:
+                outs = jax.tree_util.tree_leaves(bound.call(fn, local))
+            if residuals is None:
+                return outs
+            # nothing saved: the backward runs the forward again (the flag says so)
+            return list(outs) + [jnp.zeros(w.shape, w.dtype)
+                                 for w in expected[n_out:n_out + len(saved_shapes)]] + [
+                jnp.array(False)]
 
-    def backward_local(handler, *local):
+    def _fits(local, saved):
+        """Whether these blocks' residuals are those of the layout, saved ones of these shapes."""
+        kinds, shapes = _residual_kinds(bound, fn, diff, [
+            jax.ShapeDtypeStruct(a.shape, a.dtype) for a in local])
+        return kinds == residuals.kinds and [(a.shape, a.dtype) for a in shapes] == [
+            (a.shape, a.dtype) for a in saved]
+
+    def backward_local(handler, expected, *local):
         with _target.using(choice):
-            return _backward_local(handler, *local)
+            primals, rest = list(local[:n]), list(local[n:])
+            results = rest[:n_out] if uses_results else None
+            rest = rest[n_out:] if uses_results else rest
+            saved, rest = rest[:len(saved_shapes)], rest[len(saved_shapes):]
+            ok, cotangents = (rest[0], rest[1:]) if residuals else (None, rest)
+            if handler is not None:
+                collective, axes, shards = handler
+                backward = functools.partial(collective.backward, axes, shards, cotangents)
+                return list(bound.call(backward, primals))
+            recompute = lambda: _recomputed_vjp(bound, fn, diff, primals, cotangents)  # noqa: E731
+            if residuals is None or not _fits(primals, saved):
+                return recompute()
+            # traced again only for its structure: the recomputed residuals are dead code
+            _, fresh, treedef = _vjp(bound, fn, diff, primals)
 
-    def _forward_local(handler, *local):
-        if handler is not None:
-            collective, axes, shards = handler
-            return jax.tree_util.tree_leaves(
-                bound.call(functools.partial(collective.forward, axes, shards), local))
-        return jax.tree_util.tree_leaves(bound.call(fn, local))
+            def from_saved():
+                leaves = []
+                for kind, leaf in zip(residuals.kinds, fresh):
+                    if kind[0] == "operand":
+                        leaves.append(primals[kind[1]])
+                    elif kind[0] == "result":
+                        leaves.append(results[kind[1]])
+                    elif kind[0] == "view":
+                        leaves.append(primals[kind[1]].reshape(leaf.shape).astype(kind[2]))
+                    else:
+                        leaves.append(saved[kind[1]])
+                return list(jax.tree_util.tree_unflatten(treedef, leaves)(list(cotangents)))
 
-    def _backward_local(handler, *local):
-        primals, cotangents = local[:n], local[n:]
-        if handler is not None:
-            collective, axes, shards = handler
-            backward = functools.partial(collective.backward, axes, shards, cotangents)
-            return list(bound.call(backward, primals))
+            return jax.lax.cond(ok, from_saved, recompute)
 
-        def of_floats(*floats):
-            full = list(primals)
-            for j, x in zip(diff, floats):
-                full[j] = x
-            return jax.tree_util.tree_leaves(bound.call(fn, full))
-
-        _, vjp = jax.vjp(of_floats, *[primals[j] for j in diff])
-        return list(vjp(list(cotangents)))
-
-    forward = _Partitioned(name, forward_local, operand_dims, list(rule.results), rule,
-                           backward=False)
-    backward = _Partitioned(f"{name} (backward)", backward_local,
-                            operand_dims + list(rule.results),
-                            [operand_dims[j] for j in diff], rule, backward=True)
+    forward = _Partitioned(name, forward_local, operand_dims, list(rule.results) + saved_dims
+                           + ([""] if residuals else []), rule, backward=False,
+                           result_shapes=out_shapes + saved_shapes + flag)
+    backward = _Partitioned(
+        f"{name} (backward)", backward_local,
+        operand_dims + (list(rule.results) if uses_results else []) + saved_dims
+        + ([""] if residuals else []) + list(rule.results),
+        [operand_dims[j] for j in diff], rule, backward=True,
+        result_shapes=[bound.abstract()[j] for j in diff])
 
     @jax.custom_vjp
     def run(*arrays):
-        return forward(*arrays)
+        return forward(*arrays)[:n_out]
 
     def run_fwd(*arrays):
-        return forward(*arrays), arrays
+        outs = forward(*arrays)
+        return outs[:n_out], (arrays, outs[:n_out] if uses_results else (), outs[n_out:])
 
-    def run_bwd(arrays, cotangents):
-        grads = iter(_placed_like(backward(*arrays, *cotangents), [arrays[j] for j in diff]))
+    def run_bwd(res, cotangents):
+        arrays, results, saved = res
+        grads = backward(*arrays, *results, *saved, *cotangents)
+        grads = iter(_placed_like(grads, [arrays[j] for j in diff]))
         return tuple(next(grads) if j in diff else None for j in range(n))
 
     run.defvjp(run_fwd, run_bwd)
-    return jax.tree_util.tree_unflatten(out_tree, run(*arrays))
+    return jax.tree_util.tree_unflatten(out_tree, list(run(*arrays)))
+
+
+def _recomputed_vjp(bound, fn, diff, primals, cotangents):
+    """The kernel's VJP with its forward run again on the primals."""
+    _, leaves, treedef = _vjp(bound, fn, diff, primals)
+    return list(jax.tree_util.tree_unflatten(treedef, leaves)(list(cotangents)))
 
 
 def wanted() -> bool:
