@@ -23,8 +23,13 @@ axes of type `AxisType.Explicit`, shardings in the operands' types) no partition
 plan is carried out at trace time, the operands resharded to it and the local function run in a
 `shard_map`; cotangents come back placed like their primals.
 
-The backward recomputes the forward from the operands (residuals would need sharding rules of
-their own): one more forward kernel per op in a sharded backward.
+The backward runs on the forward's residuals. Their layout is inferred once per call signature
+from the kernel's VJP: residuals that are operands, results or reshaped operands are not saved
+again; each other residual axis is named after the factor (or flattened factors) its size
+follows when the operands' factors are doubled and halved, and the forward call returns them as
+extra results. Where the blocks of a plan do not give residuals of that layout (padding, a
+minor flattened factor split), where a collective ran, or where no layout was found, the
+backward runs the forward again; a flag the forward returns tells the backward which.
 """
 from __future__ import annotations
 

@@ -1,0 +1,157 @@
+"""The sharded backward runs on the forward's residuals, not on a second forward.
+
+The layout of each kernel's VJP residuals is inferred from how their shapes follow the operands'
+(checked here per kernel); on 8 simulated devices the backward that would recompute the forward
+is replaced by one returning NaN, so a gradient that is right (against float64) proves the saved
+residuals were used, and one that is NaN proves a fallback ran.
+"""
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import _sharding
+
+
+@pytest.fixture
+def layouts(monkeypatch):
+    monkeypatch.setattr(_sharding, "wanted", lambda: True)
+    _sharding._residual_layouts.clear()
+    yield lambda: {k[0]: v for k, v in _sharding._residual_layouts.items()}
+    _sharding._residual_layouts.clear()
+
+
+def test_residual_layouts_of_the_gpu_kernels(layouts):
+    x, s = jnp.ones((2, 64, 128)), jnp.ones(128)
+    q, k = jnp.ones((2, 64, 8, 32)), jnp.ones((2, 64, 2, 32))
+    w, labels = jnp.ones((128, 512)), jnp.zeros((2, 64), jnp.int32)
+    jax.eval_shape(lambda: (
+        pk.layer_norm(x, s, s, implementation="pallas", platform="gpu"),
+        pk.attention(q, k, k, causal=True, implementation="pallas", platform="gpu"),
+        pk.dense_act(x, w, w[0], activation="gelu_tanh", implementation="pallas", platform="gpu"),
+        pk.linear_cross_entropy(x, w, labels, implementation="pallas", platform="gpu")))
+    found = layouts()
+    # operands are not saved again; x flattened to rows is remade from x in the backward
+    assert found["layer_norm"].kinds == (("operand", 1), ("operand", 2), ("view", 0, "float32"),
+                                         ("saved", 0), ("saved", 1))
+    assert found["layer_norm"].dims == ("a0*a1", "a0*a1")  # mean and rstd per flattened row
+    # the output is the op's own result; the statistics follow batch, heads (g*r), queries
+    assert found["attention"].kinds[:4] == (("operand", 0), ("operand", 1), ("operand", 2),
+                                            ("result", 0))
+    assert found["attention"].dims == ("b g*r q", "b g*r q")
+    assert found["dense_act"].dims == ("a0*a1 o",)  # the pre-activation
+    assert found["linear_cross_entropy"].dims == ("a0*a1", "a0*a1")
+    shapes = [r.shape for r in found["attention"].shapes]
+    assert shapes == [(2, 8, 64), (2, 8, 64)]
+
+
+def test_padded_residuals_are_recomputed(layouts):
+    # The TPU attention kernels keep statistics padded to whole tiles: no factor describes
+    # them, so the sharded backward runs the forward again instead of guessing a layout.
+    q = jnp.ones((2, 64, 4, 32))
+    jax.eval_shape(lambda: pk.attention(q, q, q, implementation="pallas", platform="tpu"))
+    assert layouts()["attention"] is None
+
+
+SCRIPT = textwrap.dedent("""
+    import functools, json, sys, warnings
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import pallas_kernels as pk
+    from pallas_kernels import _sharding
+    from pallas_kernels.attention.reference import attention_reference
+    from pallas_kernels.layer_norm.reference import layer_norm_reference
+    from pallas_kernels.dense_act.reference import dense_act_reference
+    from pallas_kernels.linear_cross_entropy import linear_cross_entropy_reference
+    from experiments import sharding as sh
+    warnings.simplefilter("ignore")
+    mesh = sh.make_mesh({"data": 4, "model": 2})
+    rng = np.random.default_rng(0)
+    arr = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)
+    labels = rng.integers(0, 64, (8, 16)).astype(np.int32)
+
+    def poisoned(bound, fn, diff, primals, cotangents):  # a second forward would give NaN
+        return [jnp.full_like(primals[j], jnp.nan) for j in diff]
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+
+    cases = {
+        "layer_norm": (lambda x, s, b, impl: (pk.layer_norm(x, s, b, implementation=impl) if impl
+                       else layer_norm_reference(x, s, b)),
+                       [arr(8, 16, 32), arr(32), arr(32)], [P("data"), P(), P()]),
+        "attention_heads_split": (
+            lambda q, k, v, impl: (pk.attention(q, k, v, causal=True, implementation=impl) if impl
+                                   else attention_reference(q, k, v, causal=True)),
+            [arr(4, 32, 4, 32), arr(4, 32, 2, 32), arr(4, 32, 2, 32)], [P("data", None, "model")] * 3),
+        "dense_columns": (lambda x, w, b, impl: (
+            pk.dense_act(x, w, b, activation="gelu_tanh", implementation=impl) if impl
+            else dense_act_reference(x, w, b, activation="gelu_tanh")),
+            [arr(8, 16, 32), arr(32, 64), arr(64)], [P("data"), P(None, "model"), P("model")]),
+        "linear_cross_entropy": (lambda x, w, impl: (
+            pk.linear_cross_entropy(x, w, labels, implementation=impl) if impl
+            else linear_cross_entropy_reference(x, w, labels)),
+            [arr(8, 16, 32), arr(32, 64)], [P("data"), P()]),
+        # rows flattened from (batch, sequence) with the sequence split: the saved statistics'
+        # layout does not fit these blocks, so the backward runs the forward again
+        "layer_norm_sequence_split": (lambda x, s, b, impl: (
+            pk.layer_norm(x, s, b, implementation=impl) if impl else layer_norm_reference(x, s, b)),
+            [arr(8, 16, 32), arr(32), arr(32)], [P("data", "model"), P(), P()]),
+    }
+    out = {}
+    recompute = _sharding._recomputed_vjp
+    for name, (f, args, specs) in cases.items():
+        argnums = tuple(range(len(args)))
+        def loss(*a, impl, f=f, absolute=False):
+            y = f(*a, impl)
+            terms = jnp.sin(y) * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / 5)
+            return jnp.sum(jnp.abs(terms) if absolute else terms)
+        jax.config.update("jax_enable_x64", True)
+        l64, g64 = jax.value_and_grad(functools.partial(loss, impl=None), argnums=argnums)(
+            *[a.astype(np.float64) for a in args])
+        size64 = loss(*[a.astype(np.float64) for a in args], impl=None, absolute=True)
+        jax.config.update("jax_enable_x64", False)
+        for variant, fn in (("poisoned", poisoned), ("plain", recompute)):
+            _sharding._recomputed_vjp = fn
+            step = jax.jit(jax.value_and_grad(functools.partial(loss, impl="pallas"), argnums=argnums),
+                           in_shardings=tuple(NamedSharding(mesh, s) for s in specs))
+            l, g = step(*args)
+            out[f"{name}_{variant}"] = dict(
+                loss_rel=float(abs(l - l64) / size64), grad_rel=max(rel(a, b) for a, b in zip(g, g64)),
+                nan=bool(any(np.isnan(np.asarray(a)).any() for a in g)))
+    print("RESULT" + json.dumps(out))
+""")
+
+
+@functools.lru_cache(maxsize=None)
+def _results() -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-5000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.mark.parametrize("case", ["layer_norm", "attention_heads_split", "dense_columns",
+                                  "linear_cross_entropy"])
+def test_sharded_backward_uses_saved_residuals(case):
+    for variant in ("poisoned", "plain"):
+        r = _results()[f"{case}_{variant}"]
+        assert not r["nan"] and r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4, (variant, r)
+
+
+def test_residuals_that_do_not_fit_the_blocks_are_recomputed():
+    assert _results()["layer_norm_sequence_split_poisoned"]["nan"]
+    r = _results()["layer_norm_sequence_split_plain"]
+    assert not r["nan"] and r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4, r
