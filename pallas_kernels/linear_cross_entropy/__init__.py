@@ -6,13 +6,15 @@ softmax_cross_entropy.
 
 One file per implementation: `triton.py` (the Pallas kernels for GPUs, "pallas") and `xla.py`
 (the same vocabulary chunking with lax loops); `reference.py` materialises the logits, for tests,
-and `common.py` holds what the implementations share. This module registers the
+and `common.py` holds what the implementations share; `picked.py` is the logit at each label
+(`linear_logit`), per shard like the loss. This module registers the
 implementations, in order of preference, on `linear_cross_entropy_op`.
 """
 from __future__ import annotations
 
 from pallas_kernels._dispatch import Op, by_platform
 from pallas_kernels.linear_cross_entropy.common import W_LAYOUTS, linear_loss_dtype
+from pallas_kernels.linear_cross_entropy.picked import linear_logit
 from pallas_kernels.linear_cross_entropy.mosaic_tpu import linear_cross_entropy_mosaic_tpu
 from pallas_kernels.linear_cross_entropy.reference import linear_cross_entropy_reference
 from pallas_kernels.linear_cross_entropy.triton import (LinearCrossEntropyConfig,
@@ -59,7 +61,7 @@ def linear_cross_entropy(x, w, labels, *, w_layout: str = "dv", implementation=N
                                    implementation=implementation, platform=platform)
 
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_op", "linear_cross_entropy_pallas",
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_op", "linear_logit", "linear_cross_entropy_pallas",
            "linear_cross_entropy_xla", "linear_cross_entropy_reference", "linear_loss_dtype",
            "LinearCrossEntropyConfig", "linear_cross_entropy_config_heuristic",
            "linear_cross_entropy_config_space", "W_LAYOUTS"]

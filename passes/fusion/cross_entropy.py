@@ -559,10 +559,11 @@ class _Projected:
         was out of range and replaced by one of `columns`, so its gradient flows through those
         columns of w alone: a gather's gradient would scatter into a weight-sized array of
         zeros (and under data parallelism be all-reduced on its own)."""
+        from pallas_kernels.linear_cross_entropy import linear_logit
+
         h = self.h.astype(jnp.float32)
-        rows = jnp.take(self.w, labels, axis=0) if self.layout == "vd" else jnp.moveaxis(
-            jnp.take(self.w, labels, axis=1), 0, -1)
-        value = lax.stop_gradient(jnp.sum(h * rows.astype(jnp.float32), axis=-1))
+        # an op that runs per shard: a vocabulary-split weight adds [tokens] floats, not rows
+        value = lax.stop_gradient(linear_logit(self.h, self.w, labels, w_layout=self.layout))
         for c in columns:
             column = (self.w[c] if self.layout == "vd" else self.w[:, c]).astype(jnp.float32)
             hit = jnp.where(labels == c, jnp.sum(h * column, axis=-1), 0)
