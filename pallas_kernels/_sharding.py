@@ -238,7 +238,8 @@ class _Partitioned:
                 break
         for a, size, mesh_axes in placed:
             f = _major(a)
-            if not mesh_axes or f is None or f in factor_axes or used & set(mesh_axes):
+            if (not mesh_axes or f is None or f in factor_axes or used & set(mesh_axes)
+                    or size == 0):  # an empty axis has nothing to split or combine
                 continue
             n = _size(mesh, mesh_axes)
             if f in self.rule.whole:
@@ -585,7 +586,7 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
         operand_dims + (list(rule.results) if uses_results else []) + saved_dims
         + ([""] if residuals else []) + list(rule.results),
         [operand_dims[j] for j in diff], rule, backward=True,
-        result_shapes=[bound.abstract()[j] for j in diff])
+        result_shapes=[jax.ShapeDtypeStruct(arrays[j].shape, arrays[j].dtype) for j in diff])
 
     @jax.custom_vjp
     def run(*arrays):

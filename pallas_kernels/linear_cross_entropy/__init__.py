@@ -61,7 +61,7 @@ def linear_cross_entropy(x, w, labels, *, w_layout: str = "dv", implementation=N
                                    implementation=implementation, platform=platform)
 
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_op", "linear_logit", "linear_cross_entropy_pallas",
-           "linear_cross_entropy_xla", "linear_cross_entropy_reference", "linear_loss_dtype",
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_op", "linear_logit",
+           "linear_cross_entropy_pallas", "linear_cross_entropy_xla", "linear_cross_entropy_reference", "linear_loss_dtype",
            "LinearCrossEntropyConfig", "linear_cross_entropy_config_heuristic",
            "linear_cross_entropy_config_space", "W_LAYOUTS"]
