@@ -180,11 +180,13 @@ class _Partitioned:
     """One function of local blocks, wrapped in custom_partitioning for a rule."""
 
     def __init__(self, name: str, local: Callable, operands: list, results: list,
-                 rule: ShardingRule, *, backward: bool, result_shapes: list):
+                 rule: ShardingRule, *, backward: bool, result_shapes: list,
+                 gradient_of: list[int] | None = None):
         # `rule.collectives` holds only the implementation's own (see `per_shard`).
         # `local(handler, local_result_shapes, *blocks)`; `result_shapes` are global.
+        # `gradient_of[i]`: the operand whose gradient result i is (a backward's).
         self.name, self.local, self.rule, self.backward = name, local, rule, backward
-        self.result_shapes = result_shapes
+        self.result_shapes, self.gradient_of = result_shapes, gradient_of
         self.operands = [_axes_of(d) for d in operands]
         self.results = [_axes_of(d) for d in results]
         self.fn = custom_partitioning(lambda *arrays: tuple(local(None, result_shapes, *arrays)))
@@ -262,20 +264,47 @@ class _Partitioned:
 
     def _infer(self, mesh, arg_shapes, result_shape):
         plan = self._plan(mesh, arg_shapes)
-        return self._result_shardings(mesh, plan)
+        return self._result_shardings(mesh, plan, self._kept_splits(mesh, plan, arg_shapes))
 
-    def _result_shardings(self, mesh, plan: _Plan) -> tuple:
+    def _kept_splits(self, mesh, plan: _Plan, arg_shapes) -> list[dict[int, tuple[str, ...]]]:
+        """Per gradient result: {axis: mesh axes} of its operand's splits the plan gathered.
+
+        The blocks are the same on every device along mesh axes the plan leaves unused, so each
+        keeps its own slice of such a gradient: the operand's placement, and a sum over the
+        other mesh axes of that slice alone (a gathered weight's gradient is reduced in pieces,
+        not whole).
+        """
+        if self.gradient_of is None:
+            return [{} for _ in self.results]
+        used = {m for ms in plan.factor_axes.values() for m in ms}
         out = []
-        for a in self.results:
+        for axes, j in zip(self.results, self.gradient_of):
+            shape = arg_shapes[j]
+            keep = {}
+            for k, (a, size, mesh_axes) in enumerate(zip(
+                    axes, shape.shape, _named_spec(shape.sharding, len(axes)))):
+                if (len(a) == 1 and a[0] not in plan.factor_axes and mesh_axes
+                        and not used & set(mesh_axes) and size % _size(mesh, mesh_axes) == 0):
+                    keep[k] = mesh_axes
+            out.append(keep)
+        return out
+
+    def _result_shardings(self, mesh, plan: _Plan, kept) -> tuple:
+        out = []
+        for a, keep in zip(self.results, kept):
             # A forward result lacking a split factor would be a partial sum we cannot complete
             # (the kernel is not linear in it); rules name every free factor in the results.
-            out.append(NamedSharding(mesh, plan.spec(a)))
+            spec = list(plan.spec(a))
+            for k, mesh_axes in keep.items():
+                spec[k] = mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
+            out.append(NamedSharding(mesh, P(*spec)))
         return tuple(out)
 
     def _partition(self, mesh, arg_shapes, result_shape):
         plan = self._plan(mesh, arg_shapes)
         arg_shardings = self._shardings(mesh, plan, self.operands)
-        result_shardings = self._result_shardings(mesh, plan)
+        kept = self._kept_splits(mesh, plan, arg_shapes)
+        result_shardings = self._result_shardings(mesh, plan, kept)
         sums = [plan.missing(a) for a in self.results] if self.backward else None
         collective, factor_axes = plan.collective, plan.factor_axes
 
@@ -286,6 +315,9 @@ class _Partitioned:
 
         def lower(*arrays):
             results = list(self.local(handler, local_shapes, *arrays))
+            for i, keep in enumerate(kept):
+                for k, mesh_axes in keep.items():
+                    results[i] = _own_slice(results[i], k, mesh, mesh_axes)
             if sums is not None:
                 for i, over in enumerate(sums):
                     over = tuple(m for m in over
@@ -310,6 +342,15 @@ class _Partitioned:
         return jax.shard_map(lower, mesh=mesh, in_specs=tuple(s.spec for s in arg_shardings),
                              out_specs=tuple(s.spec for s in result_shardings),
                              check_vma=False)(*arrays)
+
+
+def _own_slice(x, axis: int, mesh, mesh_axes):
+    """This device's block of `x` (the same on every device along `mesh_axes`) along `axis`."""
+    index = 0
+    for m in mesh_axes:  # the linear position along the axes, the first one major
+        index = index * mesh.shape[m] + jax.lax.axis_index(m)
+    size = x.shape[axis] // _size(mesh, mesh_axes)
+    return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
 
 
 @contextlib.contextmanager
@@ -586,7 +627,8 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
         operand_dims + (list(rule.results) if uses_results else []) + saved_dims
         + ([""] if residuals else []) + list(rule.results),
         [operand_dims[j] for j in diff], rule, backward=True,
-        result_shapes=[jax.ShapeDtypeStruct(arrays[j].shape, arrays[j].dtype) for j in diff])
+        result_shapes=[jax.ShapeDtypeStruct(arrays[j].shape, arrays[j].dtype) for j in diff],
+        gradient_of=list(diff))
 
     @jax.custom_vjp
     def run(*arrays):

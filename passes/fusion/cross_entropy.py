@@ -565,7 +565,14 @@ class _Projected:
         # an op that runs per shard: a vocabulary-split weight adds [tokens] floats, not rows
         value = lax.stop_gradient(linear_logit(self.h, self.w, labels, w_layout=self.layout))
         for c in columns:
-            column = (self.w[c] if self.layout == "vd" else self.w[:, c]).astype(jnp.float32)
+            # selected and summed over the vocabulary, not sliced: on a vocabulary-split weight
+            # each shard sums its own columns and [d] floats are added up, where a slice of the
+            # split axis reshards the whole weight; and its gradient is a select fused into the
+            # weight's, where a gather's scatters into a weight-sized array of zeros
+            axis = 0 if self.layout == "vd" else 1
+            pick = jnp.arange(self.w.shape[axis]) == c
+            column = jnp.sum(jnp.where(pick[:, None] if axis == 0 else pick, self.w, 0),
+                             axis=axis).astype(jnp.float32)
             hit = jnp.where(labels == c, jnp.sum(h * column, axis=-1), 0)
             value = value + (hit - lax.stop_gradient(hit))
         return value
