@@ -7,6 +7,7 @@ implementation and with the Pallas kernels (interpret mode on a CPU)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import lax
 
@@ -218,3 +219,35 @@ def test_grouped_query_logits_reshaped_around_the_softmax(implementation):
     if implementation == "pallas":
         optimized = passes.optimize(_grouped_query, _pipeline("pallas"))
         assert count_primitive(jax.make_jaxpr(optimized)(q, k, v), "pallas_call") == 1
+
+
+
+def _grouped_query_masked(q, k, v, mask, bias):
+    """GQA with an additive bias, then a `where` mask filled with finfo.min."""
+    B, S, H, _ = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(B, S, kv, H // kv, D)
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k).reshape(B, H, S, S) / jnp.sqrt(D) + bias
+    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).reshape(B, kv, H // kv, S, S)
+    return jnp.einsum("bkgqs,bskd->bqkgd", p, v).reshape(B, S, H, D)
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["padding", "per_head"])
+def test_grouped_query_rows_with_minus_inf_at_every_kept_key(per_head):
+    """A row whose kept keys all have a -inf bias: the original's softmax puts all its weight on
+    the finfo.min-filled keys, averaging v over them (of the row's kv head)."""
+    q, k, v = _arrays(17, (2, T, 6, D), (2, T, 2, D), (2, T, 2, D))  # groups of 3
+    b, t, h = 0, 2, 1  # query head 1 reads kv head 0
+    if per_head:
+        mask = jax.random.bernoulli(jax.random.key(18), 0.6, (2, 6, T, T)).at[b, h, t, 0].set(False)
+        kept = mask[b, h, t]
+    else:  # the last two keys of batch row 0 are padding
+        mask = jnp.ones((2, 1, 1, T), bool).at[b, ..., T - 2:].set(False)
+        kept = mask[b, 0, 0]
+    bias = jnp.zeros((2, 6, T, T)).at[b, h, t].set(-jnp.inf)
+    _rewritten(_grouped_query_masked, q, k, v, mask, bias)
+    out = passes.optimize(_grouped_query_masked, _pipeline(None))(q, k, v, mask, bias)
+    filled = ~kept
+    want = (filled[:, None] * v[b, :, h // 3]).sum(0) / filled.sum()
+    np.testing.assert_allclose(out[b, t, h], want, rtol=1e-5, atol=1e-6)

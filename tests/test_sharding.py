@@ -287,10 +287,12 @@ CASES = [("gpt2-tiny", "pallas", "data"), ("llama-tiny", "pallas", "tensor"),
 SMALL_BYTES = 64 << 10  # per-device slack: a few scalars' all-reduces, HLO layout differences
 
 
-# Measured not yet within the original (see docs/BENCHMARKS.md). Collectives: a tied embedding
-# split on d is gathered for the cross-entropy kernel (the logits contract d), so its gradient is
-# reduced whole (gpt2 default tensor). Temp memory: the CPU interpreter's buffers for Pallas, and
-# the default rewrite itself.
+# Measured not yet within the original (see docs/BENCHMARKS.md). gpt2 default tensor: its tied
+# embedding is split on d, which the logits contract, so the cross-entropy kernel gathers the
+# weight and the final LayerNorm's output (the original all-reduces the logits instead: as many
+# bytes as the weight at this size, far more at a real vocabulary and batch) and holds the
+# gathered weight and its gradient. Temp memory of the Pallas cases: the CPU interpreter's
+# buffers (each kernel's operands carried through a loop over its grid).
 # strict: a case that starts passing must drop its mark.
 _KNOWN_OVER = {
     "collectives": {("gpt2-tiny", "default", "tensor")},

@@ -1,6 +1,8 @@
 """Plain jnp attention: the semantics every implementation follows, and the "xla" one."""
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -22,11 +24,16 @@ def attention_reference(q, k, v, *, causal=False, mask=None, bias=None, scale=No
     group = H // Hkv
     scale = D ** -0.5 if scale is None else scale
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    qg = q.reshape(B, q_len, Hkv, group, D)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=acc) * scale
+    if group == 1:  # (b, h, q, k) throughout: XLA adds no layout copies for a unit group axis
+        grouped = lambda x: x  # noqa: E731
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc) * scale
+    else:
+        grouped = functools.partial(_grouped, kv_heads=Hkv, group=group)
+        qg = q.reshape(B, q_len, Hkv, group, D)
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=acc) * scale
     if bias is not None:
-        s = s + _grouped(bias, Hkv, group).astype(acc)
-    keep = None if mask is None else _grouped(mask, Hkv, group)
+        s = s + grouped(bias).astype(acc)
+    keep = None if mask is None else grouped(mask)
     if causal:
         rows = jnp.arange(q_len)[:, None]
         cols = jnp.arange(kv_len)[None, :]
@@ -38,5 +45,6 @@ def attention_reference(q, k, v, *, causal=False, mask=None, bias=None, scale=No
     p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m))
     l = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(l == 0.0, 1.0, l)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=acc)
+    out = jnp.einsum("bhqk,bkhd->bqhd" if group == 1 else "bhgqk,bkhd->bqhgd", p.astype(v.dtype),
+                     v, preferred_element_type=acc)
     return out.reshape(B, q_len, H, D).astype(q.dtype)

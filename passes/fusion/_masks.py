@@ -467,14 +467,23 @@ def _filled_average(v, keep, dead, heads):
         return everything.astype(v.dtype)
 
     def over_filled_keys(v):  # logits or bias -inf on every kept key: average the filled ones
-        filled = jnp.broadcast_to(~keep, dead.shape + keep.shape[-1:]).astype(acc)
-        vh = jnp.repeat(v.astype(acc), group, axis=2)
-        total = jnp.einsum("bhts,bshd->bthd", filled, vh)
+        # `keep` as it is, (b|1, h|1, t|1, S): einsum drops its unit axes, so a causal triangle
+        # is one (T, S) matrix, not one per batch row and head (whose buffer would count in the
+        # step's memory even when no row is dead)
+        filled = (~keep).astype(acc)
+        va = v.astype(acc)
+        if keep.shape[1] == 1:  # the same keys for every head: per kv head, then repeated
+            total = jnp.repeat(jnp.einsum("bxts,bskd->btkd", filled, va), group, axis=2)
+        else:
+            grouped = filled.reshape(filled.shape[0], v.shape[2], group, *filled.shape[2:])
+            total = jnp.einsum("bkgts,bskd->btkgd", grouped, va)
+            total = total.reshape(*total.shape[:2], heads, v.shape[3])
         count = jnp.sum(filled, axis=-1).transpose(0, 2, 1)[..., None]
-        return total / jnp.maximum(count, 1.0)  # rows with none are NaN rows, set apart
+        # rows with no filled key are NaN rows, set apart
+        return jnp.broadcast_to(total / jnp.maximum(count, 1.0), shape)
 
-    some_kept = jnp.any(dead & jnp.any(keep, axis=-1))
     shape = dead.shape[:1] + dead.shape[2:] + (heads, v.shape[3])
+    some_kept = jnp.any(dead & jnp.any(keep, axis=-1))
     result = lax.cond(some_kept, over_filled_keys,
                       lambda v: jnp.broadcast_to(everything, shape), v)
     return result.astype(v.dtype)
