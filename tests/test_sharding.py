@@ -133,6 +133,33 @@ SHARDED_SCRIPT = textwrap.dedent("""
             all_gathers=text.count("all-gather"), collective_bytes=sh.collective_bytes(text),
             tokens_bytes=labels.size * 4)
 
+    # A weight split on the axis the kernel contracts (d of linear cross-entropy, over "model")
+    # is gathered for the kernel; its gradient keeps the weight's placement, each device reducing
+    # only its own slice over "data" (not the whole gathered gradient).
+    def reductions(text):  # bytes of each array an all-reduce sums
+        return [sh._shape_bytes(f"{dtype}[{dims}]")
+                for line in text.splitlines() if "all-reduce(" in line
+                for dtype, dims in sh._SHAPE.findall(line.split("all-reduce(")[0].split("=", 1)[1])]
+    w = (rng.standard_normal((32, 256)) * 0.2).astype(np.float32)
+    def split_d_loss(x, w, f):
+        return jnp.sum(f(x, w) * jnp.cos(jnp.arange(16.0)))
+    mine = lambda x, w: pk.linear_cross_entropy(x, w, labels, implementation="pallas")
+    before = len(_sharding.gathers())
+    step = jax.jit(jax.value_and_grad(functools.partial(split_d_loss, f=mine), argnums=(0, 1)),
+                   in_shardings=(NamedSharding(mesh, P("data")), NamedSharding(mesh, P("model", None))),
+                   out_shardings=(None, (NamedSharding(mesh, P("data")), NamedSharding(mesh, P("model", None)))))
+    compiled = step.lower(x, w).compile()
+    l, (dx, dw) = compiled(x, w)
+    ref = lambda x, w: linear_cross_entropy_reference(x, w, labels)
+    jax.config.update("jax_enable_x64", True)
+    l64, (dx64, dw64) = jax.value_and_grad(functools.partial(split_d_loss, f=ref), argnums=(0, 1))(
+        x.astype(np.float64), w.astype(np.float64))
+    jax.config.update("jax_enable_x64", False)
+    out["kernels"]["gathered_weight_gradient"] = dict(
+        loss_rel=rel(l, l64), dx_rel=rel(dx, dx64), dw_rel=rel(dw, dw64),
+        gathers=_sharding.gathers()[before:], largest_reduction=max(reductions(compiled.as_text())),
+        weight_bytes=int(w.nbytes))
+
     # A reduced axis split over "model", computed with local collectives (no gather): the norms'
     # features, dense_act's and gated_dense's d_in (row-parallel), softmax CE's vocabulary.
     from pallas_kernels.layer_norm.reference import layer_norm_reference
@@ -336,6 +363,14 @@ def test_vocab_parallel_linear_cross_entropy(layout):
     assert r["all_gathers"] == 0, r  # neither the weight nor the logits
     assert r["collective_bytes"] < r["logits_bytes"] / 4, r
     assert "model" in r["dw_sharding"], r
+
+
+def test_gathered_weight_gradient_is_reduced_in_slices():
+    r = _sharded_results()["kernels"]["gathered_weight_gradient"]
+    assert r["loss_rel"] < 1e-5 and r["dx_rel"] < 1e-4 and r["dw_rel"] < 1e-4, r
+    assert any("'d' is split" in g for g in r["gathers"]), r  # the weight is gathered, loudly
+    # each device all-reduces its own half of the weight's gradient over "data", not all of it
+    assert r["largest_reduction"] <= r["weight_bytes"] // 2, r
 
 
 @pytest.mark.parametrize("layout", ["dv", "vd"])
