@@ -417,12 +417,30 @@ def guard_rows(attend, q, k, v, keep, bias, kind, scale):
     B, T, H, _ = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     alive = keep if bias is None else (bias != -jnp.inf) if keep is None else keep & (bias != -jnp.inf)
-    dead = jnp.zeros((B, H, T), bool) if alive is None else jnp.broadcast_to(
-        ~jnp.any(alive, axis=-1), (B, H, T))
-    # Infinite q or k can make logits -inf at every kept key: only then are the logits formed.
+    # Rows the masks and bias leave without keys: known while tracing when they are constants
+    # (a causal triangle), so no device waits on a predicate about them.
+    xp = np if alive is None or isinstance(alive, np.ndarray) else jnp
+    empty = xp.zeros((1, 1, 1), bool) if alive is None else ~xp.any(alive, axis=-1)
+    known_dead = jnp.broadcast_to(empty, (B, H, T))
+    some_kept = None  # whether a row without live keys keeps some key: None, not known yet
+    if xp is np and keep is not None:
+        some_kept = bool(np.any(empty & np.any(keep, axis=-1)))
+    # Infinite q or k can make logits -inf at every kept key: only then are the logits formed,
+    # and (one predicate for both) the filled-key average of such rows.
     infinite = ~(jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(k)))
-    dead = lax.cond(infinite, functools.partial(_dead_by_logits, alive=alive, bias=bias, scale=scale),
-                    lambda q, k: dead, q, k)
+    by_logits = functools.partial(_dead_by_logits, alive=alive, bias=bias, scale=scale)
+    if kind == "uniform":
+        def formed(q, k, v):
+            rows = by_logits(q, k)
+            return rows, _filled_average(v, keep, rows, H, some_kept=True)
+
+        def known(q, k, v):
+            return known_dead, _filled_average(v, keep, known_dead, H, some_kept=some_kept)
+
+        # the unguarded v: its gradient is NaN wherever the guarded one's is (NaN + x)
+        dead, filled = lax.cond(infinite, formed, known, q, k, v)
+    else:
+        dead = lax.cond(infinite, by_logits, lambda q, k: known_dead, q, k)
     unfilled = jnp.ones((1, 1, 1), bool) if keep is None else jnp.all(keep, axis=-1)
     nan_rows = dead if kind == "nan" else dead & unfilled
     # The softmax backward of a NaN row is NaN at every key the `where`s let through.
@@ -438,7 +456,7 @@ def guard_rows(attend, q, k, v, keep, bias, kind, scale):
     out = attend(q, k, v, bias)
     rows = lambda x: x.transpose(0, 2, 1)[..., None]  # (B, H, T) -> (B, T, H, 1)
     if kind == "uniform":
-        out = jnp.where(rows(dead), _filled_average(v, keep, dead, H), out)
+        out = jnp.where(rows(dead), filled, out)
     return jnp.where(rows(nan_rows), jnp.asarray(jnp.nan, out.dtype), out)
 
 
@@ -458,13 +476,17 @@ def _dead_by_logits(q, k, *, alive, bias, scale):
     return ~jnp.any(live, axis=-1)
 
 
-def _filled_average(v, keep, dead, heads):
-    """(B, T|1, H, D): the average of v over the keys the `where`s filled, for dead rows."""
+def _filled_average(v, keep, dead, heads, some_kept=None):
+    """(B, T, H, D): the average of v over the keys the `where`s filled, for dead rows.
+
+    `some_kept`: whether a dead row keeps some key (then the average runs over the filled keys,
+    else over all of them); None: decided at run time."""
     acc = jnp.promote_types(v.dtype, jnp.float32)
     group = heads // v.shape[2]
+    shape = dead.shape[:1] + dead.shape[2:] + (heads, v.shape[3])
     everything = jnp.repeat(jnp.mean(v.astype(acc), axis=1), group, axis=1)[:, None]
-    if keep is None:  # no `where`: a dead row is NaN, not averaged
-        return everything.astype(v.dtype)
+    if keep is None or some_kept is False:  # no `where`, or every dead row keeps no key
+        return jnp.broadcast_to(everything, shape).astype(v.dtype)
 
     def over_filled_keys(v):  # logits or bias -inf on every kept key: average the filled ones
         # `keep` as it is, (b|1, h|1, t|1, S): einsum drops its unit axes, so a causal triangle
@@ -482,8 +504,8 @@ def _filled_average(v, keep, dead, heads):
         # rows with no filled key are NaN rows, set apart
         return jnp.broadcast_to(total / jnp.maximum(count, 1.0), shape)
 
-    shape = dead.shape[:1] + dead.shape[2:] + (heads, v.shape[3])
-    some_kept = jnp.any(dead & jnp.any(keep, axis=-1))
-    result = lax.cond(some_kept, over_filled_keys,
+    if some_kept:
+        return over_filled_keys(v).astype(v.dtype)
+    result = lax.cond(jnp.any(dead & jnp.any(keep, axis=-1)), over_filled_keys,
                       lambda v: jnp.broadcast_to(everything, shape), v)
     return result.astype(v.dtype)

@@ -665,7 +665,8 @@ def _kept(mask, causal, T, S):
     """The keys each row keeps through the `where` masks, the causal one included (or None)."""
     if not causal:
         return mask
-    tri = (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T))[None, None]
+    # numpy: a constant the guard reads while tracing (see `guard_rows`)
+    tri = (np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T))[None, None]
     return tri if mask is None else mask & tri
 
 
