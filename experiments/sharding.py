@@ -110,10 +110,24 @@ def collective_bytes(hlo_text: str) -> int:
     return total
 
 
+def scalar_collectives(hlo_text: str) -> int:
+    """Collectives whose results are all scalars (a predicate or a loss made the same on every
+    device): each is a point where devices wait on each other for a few bytes."""
+    count = 0
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.search(_COMMENT.sub("", line))
+        if m and all(dims == "" for _, dims in _SHAPE.findall(m.group(1))):
+            count += 1
+    return count
+
+
 def compiled_costs(compiled) -> dict:
-    """Collective bytes and temporary memory of a compiled executable, per device."""
+    """Collective bytes, scalar collectives and temporary memory of a compiled executable, per
+    device."""
     analysis = compiled.memory_analysis()
-    return {"collective_bytes": collective_bytes(compiled.as_text()),
+    text = compiled.as_text()
+    return {"collective_bytes": collective_bytes(text),
+            "scalar_collectives": scalar_collectives(text),
             "temp_memory_bytes": None if analysis is None else int(analysis.temp_size_in_bytes)}
 
 
@@ -169,7 +183,8 @@ def mesh_table(models_: tuple[str, ...], mesh: Mesh, implementations=(None, "pal
                 r = compare(model, kind, mesh, implementation=impl, batch=batch, steps=steps)
                 row = {"model": model, "implementation": impl or "default", "placement": kind}
                 for variant in ("baseline", "optimized"):
-                    for key in ("collective_bytes", "temp_memory_bytes", "step_time_s"):
+                    for key in ("collective_bytes", "scalar_collectives", "temp_memory_bytes",
+                                "step_time_s"):
                         row[f"{variant}_{key}"] = r[variant][key]
                 rows.append(row)
                 print(format_row(row), flush=True)
@@ -180,7 +195,8 @@ def format_row(row: dict) -> str:
     mb = lambda b: "n/a" if b is None else f"{b / 1e6:.2f}"  # noqa: E731
     return (f"{row['model']:<12} {row['implementation']:<8} {row['placement']:<7} "
             f"collectives {mb(row['baseline_collective_bytes'])} -> "
-            f"{mb(row['optimized_collective_bytes'])} MB   temp "
+            f"{mb(row['optimized_collective_bytes'])} MB (scalar "
+            f"{row['baseline_scalar_collectives']} -> {row['optimized_scalar_collectives']})   temp "
             f"{mb(row['baseline_temp_memory_bytes'])} -> {mb(row['optimized_temp_memory_bytes'])} MB"
             f"   step {row['baseline_step_time_s'] * 1e3:.1f} -> "
             f"{row['optimized_step_time_s'] * 1e3:.1f} ms")

@@ -539,3 +539,30 @@ def test_kernel_benchmark_runs_for_tpu(capsys):
         assert r["implementations"]["pallas"]["forward_backward_s"] > 0, r
         assert f"| {r['op']} | {r['shape']} | pallas |" in printed
     assert "cuDNN" not in printed  # a GPU-only column
+
+
+# -- the mesh driver: `--mesh` with simulated devices, in a subprocess (the device count is read
+# once, when JAX starts) --------------------------------------------------------------------------
+
+def test_mesh_driver_reports_every_placement():
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXPASSES_CHECK="0")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.run", "--mesh", "data=2,model=2", "--host-devices",
+         "4", "--model", "gpt2-tiny", "--implementation", "xla", "--batch", "4"],
+        env=env, capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "mesh {'data': 2, 'model': 2}" in out.stdout, out.stdout
+    row = re.compile(r"gpt2-tiny\s+xla\s+(\w+)\s+collectives ([\d.]+) -> ([\d.]+) MB "
+                     r"\(scalar (\d+) -> (\d+)\)\s+temp ([\d.]+) -> ([\d.]+) MB\s+step")
+    rows = {m.group(1): [float(x) for x in m.groups()[1:]] for m in row.finditer(out.stdout)}
+    assert set(rows) == {"data", "tensor", "fsdp"}, out.stdout
+    for placement, (c0, c1, s0, s1, t0, t1) in rows.items():
+        assert c0 > 0 and t0 > 0, (placement, out.stdout)  # read from the compiled HLO
+        assert s1 - s0 <= 2 * 2, (placement, out.stdout)  # the guard's predicate, 2 layers

@@ -69,6 +69,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from pallas_kernels import _sharding
     from pallas_kernels.linear_cross_entropy import linear_cross_entropy_reference, linear_logit
     from experiments import sharding as sh
+    import models
     warnings.simplefilter("ignore")
     assert jax.device_count() == 8, jax.devices()
     mesh = sh.make_mesh({"data": 4, "model": 2})
@@ -87,8 +88,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
             loss_rel=rel(l1, l0),
             grad_rel=max(rel(b, a) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))),
             same_shardings=str(r["baseline"]["output_shardings"]) == str(r["optimized"]["output_shardings"]),
+            attention_layers=models.get(model).idioms["attention"],
             **{f"{v}_{k}": r[v][k] for v in ("baseline", "optimized")
-               for k in ("collective_bytes", "temp_memory_bytes")}))
+               for k in ("collective_bytes", "scalar_collectives", "temp_memory_bytes")}))
 
     # Vocabulary-parallel linear cross-entropy against an unsharded float64 reference.
     rng = np.random.default_rng(0)
@@ -342,6 +344,18 @@ def test_sharded_train_gradient_equals_original(model, impl, placement):
     r = _case(model, impl, placement)
     assert r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4, r
     assert r["same_shardings"], r
+
+
+@pytest.mark.parametrize("model,impl,placement", CASES)
+def test_sharded_rewrite_adds_one_predicate_per_attention_layer(model, impl, placement):
+    # The attention guard's predicate (q or k not finite) is the only value the rewrite makes
+    # the same on every device: the rows the causal mask leaves without keys are known while
+    # tracing. XLA reduces it with one scalar all-reduce per mesh axis q is split over along
+    # different dimensions ("tensor": batch over data, heads over model; else batch over both).
+    r = _case(model, impl, placement)
+    axes = 2 if placement == "tensor" else 1
+    assert (r["optimized_scalar_collectives"]
+            <= r["baseline_scalar_collectives"] + axes * r["attention_layers"]), r
 
 
 @pytest.mark.parametrize("model,impl,placement", _marked("collectives"))
