@@ -310,8 +310,9 @@ class _Partitioned:
 
         axes = None if collective is None else factor_axes[collective.factor]
         handler = None if collective is None else (collective, axes, _size(mesh, axes))
-        local_shapes = [jax.ShapeDtypeStruct(sh.shard_shape(r.shape), r.dtype)
-                        for sh, r in zip(result_shardings, self.result_shapes)]
+        # the blocks `local` returns: before a kept split's own slice is taken
+        local_shapes = [jax.ShapeDtypeStruct(NamedSharding(mesh, plan.spec(a)).shard_shape(
+            r.shape), r.dtype) for a, r in zip(self.results, self.result_shapes)]
 
         def lower(*arrays):
             results = list(self.local(handler, local_shapes, *arrays))

@@ -406,25 +406,27 @@ def _reduce_to(x, shape):
     return jnp.any(x, axis=axes, keepdims=True) if axes else x
 
 
-def guard_rows(attend, q, k, v, keep, bias, kind, scale):
+def guard_rows(attend, q, k, v, keep, bias, kind, scale, empty=None):
     """`attend(q, k, v, bias)` (the kernel, which gives zeros for rows without keys) with the
     original's result for those rows: NaN ("nan"), or the average of v over the keys the `where`
     filled ("uniform"; NaN where it filled none), gradients included.
 
     q (B, T, H, D), k and v (B, S, Hkv, D); keep: the `where` masks and the causal triangle,
     (b|1, h|1, t|1, S) bool or None; bias: (b|1, h|1, t|1, S) or None; scale: the logits'.
+    empty: the rows `keep` leaves without keys when known while tracing ((1, 1, T|1) numpy;
+    None: from `keep` at run time).
     """
     B, T, H, _ = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     alive = keep if bias is None else (bias != -jnp.inf) if keep is None else keep & (bias != -jnp.inf)
-    # Rows the masks and bias leave without keys: known while tracing when they are constants
-    # (a causal triangle), so no device waits on a predicate about them.
-    xp = np if alive is None or isinstance(alive, np.ndarray) else jnp
-    empty = xp.zeros((1, 1, 1), bool) if alive is None else ~xp.any(alive, axis=-1)
+    # Rows the masks and bias leave without keys. Known while tracing (no bias, no data mask),
+    # such rows keep no key by definition, so no device waits on a predicate about them.
+    some_kept = None  # whether a row without live keys keeps some key: None, decided at run time
+    if bias is None and empty is not None:
+        some_kept = False
+    else:
+        empty = jnp.zeros((1, 1, 1), bool) if alive is None else ~jnp.any(alive, axis=-1)
     known_dead = jnp.broadcast_to(empty, (B, H, T))
-    some_kept = None  # whether a row without live keys keeps some key: None, not known yet
-    if xp is np and keep is not None:
-        some_kept = bool(np.any(empty & np.any(keep, axis=-1)))
     # Infinite q or k can make logits -inf at every kept key: only then are the logits formed,
     # and (one predicate for both) the filled-key average of such rows.
     infinite = ~(jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(k)))

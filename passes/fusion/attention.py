@@ -650,8 +650,13 @@ def _attention_replacement(q, k, v, *extras, plan: AttentionPlan, implementation
         return kernel("attention")(q4, k4, v4, causal=plan.causal, mask=mask, bias=bias,
                                    scale=plan.scale, implementation=implementation)
 
-    out = guard_rows(attend, q4, k4, v4, _kept(mask, plan.causal, q4.shape[1], k4.shape[1]),
-                     bias, plan.rows_without_keys, plan.scale)
+    T, S = q4.shape[1], k4.shape[1]
+    # without a data mask, the rows left without keys are known now: none, or the first T - S
+    # causal rows (numpy, (1, 1, T)); the guard then waits on no predicate about them
+    empty = None if mask is not None else np.zeros((1, 1, 1), bool) if not plan.causal else (
+        np.arange(T) + (S - T) < 0)[None, None]
+    out = guard_rows(attend, q4, k4, v4, _kept(mask, plan.causal, T, S), bias,
+                     plan.rows_without_keys, plan.scale, empty=empty)
     heads_sizes = [sizes[r] for r in plan.heads + plan.groups]
     expanded = ([sizes[r] for r in plan.batch] + [sizes[r] for r in query] + heads_sizes
                 + [sizes["dv"]])
@@ -665,8 +670,7 @@ def _kept(mask, causal, T, S):
     """The keys each row keeps through the `where` masks, the causal one included (or None)."""
     if not causal:
         return mask
-    # numpy: a constant the guard reads while tracing (see `guard_rows`)
-    tri = (np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T))[None, None]
+    tri = (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T))[None, None]
     return tri if mask is None else mask & tri
 
 
