@@ -199,7 +199,8 @@ def check_lowering(op_name: str, impl: str, fn: Callable, args, kwargs) -> None:
     """Raise NotImplementedError (with the compiler's message) if `fn` cannot be compiled here."""
     bound = _BoundCall.of(args, kwargs)
     choice = _target.current()
-    key = (op_name, impl, _platform(), choice.platform, choice.interpret, bound.key)
+    key = (op_name, impl, _platform(), choice.platform, choice.interpret, compat.opaque(),
+           bound.key)
     with _verdicts_lock:
         known = key in _verdicts
         reason = _verdicts.get(key)
@@ -293,9 +294,11 @@ def _random_arrays(abstract: Sequence[jax.ShapeDtypeStruct], seed: int = 0) -> l
 
 def time_call(fn: Callable, arrays: Sequence[jax.Array], *, trials: int = 5,
               target_seconds: float = 2e-3) -> float:
-    """Median seconds per call of `jax.jit(fn)(*arrays)`, after compiling and a warm-up."""
-    return time_compiled(jax.jit(fn).lower(*arrays).compile(), arrays, trials=trials,
-                         target_seconds=target_seconds)
+    """Median seconds per call of `jax.jit(fn)(*arrays)`, after compiling and a warm-up (of the
+    real kernels, also inside `opaque_kernels()`)."""
+    with compat.opaque_kernels(False):
+        compiled = jax.jit(fn).lower(*arrays).compile()
+    return time_compiled(compiled, arrays, trials=trials, target_seconds=target_seconds)
 
 
 def time_compiled(compiled: Callable, arrays: Sequence[jax.Array], *, trials: int = 5,

@@ -10,11 +10,18 @@ from here instead of reaching into `jax.experimental.pallas` submodules themselv
   `pl.TritonCompilerParams`), or None in interpret mode where they do not apply.
 - `gpu_lowering_target()` and `pretend_gpu_info()`: what lowering the Triton kernels for
   "cuda" on a machine without a GPU needs (the tests check kernels that way).
+- `pallas_call(kernel, ...)`: `pl.pallas_call`, or inside `opaque_kernels()` an opaque stand-in
+  with the kernel's operands and results (see there). Kernel files call this one.
 
 Private JAX (`jax._src`) is reached from here only (and, for the compiler, `passes/_compat.py`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+
+import jax
 from jax.experimental import pallas as pl
 
 try:
@@ -23,6 +30,76 @@ except ImportError:
     _TritonCompilerParams = getattr(pl, "TritonCompilerParams", None)
 
 squeezed = getattr(pl, "squeezed", None)
+
+
+_opaque: contextvars.ContextVar[bool] = contextvars.ContextVar("pallas_kernels_opaque",
+                                                              default=False)
+
+
+@contextlib.contextmanager
+def opaque_kernels(enabled: bool = True):
+    """Within it, each Pallas kernel traces as an opaque call that takes the kernel's operands
+    and returns its results, as a compiled GPU or TPU kernel is to XLA, instead of the kernel
+    itself.
+
+    For reading the memory and communication of a program (`compiled.memory_analysis()`,
+    `compiled.as_text()`) on a host that can only interpret kernels: Pallas's interpreter runs a
+    kernel as a loop over its grid that writes every block it reads back into its operands, so
+    XLA copies each operand, which the compiled kernel never does. A program traced here
+    compiles but cannot run (the stand-in raises). Kernels that write a result into an operand
+    (`input_output_aliases`) get a fresh buffer here, so the reading errs high by that buffer.
+
+    JAX keeps traces by function: entering and leaving the outermost such context clears its
+    caches (`jax.clear_caches()`), so that no program traced inside is reused outside, or the
+    other way round. `enabled=False` restores the real kernels inside (timing does that).
+    """
+    outermost = bool(enabled) and not _opaque.get()
+    if outermost:
+        jax.clear_caches()
+    token = _opaque.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _opaque.reset(token)
+        if outermost:
+            jax.clear_caches()
+
+
+@contextlib.contextmanager
+def keeping_opaque(enabled: bool):
+    """Kernels as stand-ins or not, as `enabled` says, without touching JAX's caches: for code
+    that traces a call's kernels later, under that call's mode (the partitioners' callbacks, run
+    while a program compiles)."""
+    token = _opaque.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _opaque.reset(token)
+
+
+def opaque() -> bool:
+    """Whether kernels trace as opaque stand-ins (see `opaque_kernels`)."""
+    return _opaque.get()
+
+
+def _refuse(name: str, *_):
+    raise RuntimeError(
+        f"the Pallas kernel {name!r} was traced as an opaque stand-in (inside "
+        f"pallas_kernels.opaque_kernels()), which is for reading a compiled program's memory "
+        f"and communication only; trace the program again outside that context to run it")
+
+
+def pallas_call(kernel, *, out_shape, **kwargs):
+    """`pl.pallas_call(kernel, out_shape=..., **kwargs)`, or the stand-in of `opaque_kernels`."""
+    if not _opaque.get():
+        return pl.pallas_call(kernel, out_shape=out_shape, **kwargs)
+    name = getattr(getattr(kernel, "func", kernel), "__name__", "kernel")
+
+    def stand_in(*operands):
+        return jax.pure_callback(functools.partial(_refuse, name), out_shape, *operands,
+                                 vmap_method="broadcast_all")
+
+    return stand_in
 
 
 def gpu_compiler_params(*, num_warps: int, num_stages: int, interpret: bool):

@@ -47,6 +47,7 @@ from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, 
                                                   custom_partitioning)
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pallas_kernels import _pallas_compat as compat
 from pallas_kernels import _target
 
 
@@ -407,7 +408,7 @@ class _Residuals:
     shapes: tuple  # global ShapeDtypeStructs of the saved residuals
 
 
-_residual_layouts: dict = {}  # (op, implementation, call signature, kernel choice) -> layout
+_residual_layouts: dict = {}  # (op, implementation, signature, kernel choice, opaque) -> layout
 
 
 def _vjp(bound, fn, diff, arrays):
@@ -542,11 +543,12 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
     diff = bound.differentiable()
     n = len(arrays)
     # The partitioners call the local functions when the program is compiled, outside the
-    # op's call: they run under the kernel choice (platform, interpret mode) of the call.
-    choice = _target.current()
+    # op's call: they run under the kernel choice (platform, interpret mode) of the call, and
+    # trace kernels as opaque stand-ins if the call did.
+    choice, opaque = _target.current(), compat.opaque()
     with without_explicit_mesh():
         out_shapes = jax.eval_shape(lambda *a: bound.call(fn, a), *bound.abstract())
-        key = (name, implementation, bound.key, choice)
+        key = (name, implementation, bound.key, choice, opaque)
         if key not in _residual_layouts:
             _residual_layouts[key] = _infer_residuals(bound, fn, diff, operand_dims, rule)
         residuals = _residual_layouts[key]
@@ -561,7 +563,7 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
     uses_results = residuals is not None and any(k[0] == "result" for k in residuals.kinds)
 
     def forward_local(handler, expected, *local):
-        with _target.using(choice):
+        with _target.using(choice), compat.keeping_opaque(opaque):
             if handler is not None:
                 collective, axes, shards = handler
                 outs = jax.tree_util.tree_leaves(
@@ -589,7 +591,7 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
             (a.shape, a.dtype) for a in saved]
 
     def backward_local(handler, expected, *local):
-        with _target.using(choice):
+        with _target.using(choice), compat.keeping_opaque(opaque):
             primals, rest = list(local[:n]), list(local[n:])
             results = rest[:n_out] if uses_results else None
             rest = rest[n_out:] if uses_results else rest

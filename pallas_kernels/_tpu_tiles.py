@@ -77,7 +77,7 @@ def check_vmem(what: str, used: int) -> int:
 
 
 def pallas_call(kernel, *, semantics, interpret: bool, vmem: int, **kwargs):
-    """`pl.pallas_call(kernel, **kwargs)` for Mosaic: `semantics` (one of "parallel" and
+    """`compat.pallas_call(kernel, **kwargs)` for Mosaic: `semantics` (one of "parallel" and
     "arbitrary" per grid axis) and the VMEM limit as compiler parameters, and the TPU interpreter
     when `interpret`.
 
@@ -89,7 +89,7 @@ def pallas_call(kernel, *, semantics, interpret: bool, vmem: int, **kwargs):
     semantics = tuple(semantics)
 
     def build(vmapped: int):
-        return pl.pallas_call(
+        return compat.pallas_call(
             kernel, interpret=compat.tpu_interpret(interpret),
             compiler_params=compat.tpu_compiler_params(("parallel",) * vmapped + semantics,
                                                        2 * VMEM_BUDGET),

@@ -98,9 +98,10 @@ REPLACEMENT_PREFIX = "passes."
 
 
 @functools.lru_cache(maxsize=4096)
-def _traced_call(fn, params_items, in_avals, name):
+def _traced_call(fn, params_items, in_avals, name, kernel_mode):
     """(call primitive, params, effects, output types, kernel resolutions) of `jit(fn)` traced
-    on `in_avals`, built once per key."""
+    on `in_avals`, built once per key (`kernel_mode`: `_kernel_mode()` when traced)."""
+    del kernel_mode
     params = dict(params_items)
 
     def body(*args):
@@ -113,6 +114,16 @@ def _traced_call(fn, params_items, in_avals, name):
     (eqn,) = C.open_jaxpr(traced).eqns
     out_avals = tuple((tuple(v.aval.shape), str(v.aval.dtype)) for v in eqn.outvars)
     return eqn.primitive, dict(eqn.params), eqn.effects, out_avals, tuple(resolutions)
+
+
+def _kernel_mode():
+    """What of the kernel library's state changes how a replacement traces: whether its Pallas
+    kernels trace as opaque stand-ins (`pallas_kernels.opaque_kernels`)."""
+    try:
+        from pallas_kernels._pallas_compat import opaque
+    except ImportError:  # the compiler works without the kernel library
+        return None
+    return opaque()
 
 
 def _recording_resolutions():
@@ -135,7 +146,7 @@ def replacement_eqn(match: Match, root_eqn, name: str):
     in_avals = tuple(_aval_key(a) for a in match.inputs)
     params_items = tuple(sorted(match.params.items()))
     prim, params, effects, out_avals, resolutions = _traced_call(
-        match.replacement, params_items, in_avals, name)
+        match.replacement, params_items, in_avals, name, _kernel_mode())
     want = tuple((tuple(v.aval.shape), str(v.aval.dtype)) for v in match.outputs)
     if out_avals != want:
         raise TypeError(f"replacement returned {out_avals} where the program has {want}")

@@ -304,3 +304,69 @@ def test_unwritable_cache_warns_and_keeps_the_choice_in_memory(simulated_gpu, mo
         assert _dispatch.measured_order(op, (jnp.ones(3),), {}) == ["xla", "pallas"]
     assert _dispatch.measured_order(op, (jnp.ones(3),), {}) == ["xla", "pallas"]
     assert len(timed) == 2
+
+
+# -- opaque kernels: the memory of a program as compiled kernels would have it ------------------
+
+def _interpreted_and_opaque(f, *args):
+    """f's program compiled with interpreted kernels, then with kernels as opaque calls."""
+    interpreted = jax.jit(f).lower(*args).compile()
+    with pallas_kernels.opaque_kernels():
+        opaque = jax.jit(f).lower(*args).compile()
+    return interpreted, opaque
+
+
+def test_opaque_kernels_drop_the_interpreters_copies_and_refuse_to_run():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((512, 256)), jnp.float32)
+    g, b = jnp.asarray(rng.standard_normal(256), jnp.float32), jnp.zeros(256, jnp.float32)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 64, 4, 32)), jnp.float32) for _ in range(3))
+
+    def loss(x, g, b, q, k, v):
+        y = layer_norm(x, g, b, implementation="pallas")
+        o = pallas_kernels.attention(q, k, v, causal=True, implementation="pallas")
+        return jnp.sum(y ** 2) + jnp.sum(o ** 2)
+
+    f = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+    args = (x, g, b, q, k, v)
+    interpreted, opaque = _interpreted_and_opaque(f, *args)
+    # The interpreter runs each kernel as a loop over its grid; the stand-ins have none, and
+    # without the loop's copies of every operand the program holds less.
+    assert " while(" in interpreted.as_text() and " while(" not in opaque.as_text()
+    assert (opaque.memory_analysis().temp_size_in_bytes
+            < interpreted.memory_analysis().temp_size_in_bytes)
+    with pytest.raises(Exception, match="opaque_kernels"):
+        jax.block_until_ready(opaque(*args))
+
+    # Leaving the context, the same function traces the real kernels again (no stand-in kept
+    # in any cache): gradients equal the plain-XLA implementations' in float64.
+    got = jax.jit(f)(*args)
+    with jax.enable_x64(True):
+        def reference(x, g, b, q, k, v):
+            y = layer_norm(x, g, b, implementation="xla")
+            o = pallas_kernels.attention(q, k, v, causal=True, implementation="xla")
+            return jnp.sum(y ** 2) + jnp.sum(o ** 2)
+        want = jax.grad(reference, argnums=(0, 1, 2, 3, 4, 5))(
+            *[np.asarray(a, np.float64) for a in args])
+    for a, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4,
+                                   atol=2e-4 * float(np.max(np.abs(w))))
+
+
+def test_timing_inside_opaque_kernels_runs_the_real_kernels(simulated_gpu):
+    path, timed = simulated_gpu
+
+    def double(x):
+        return pallas_kernels._pallas_compat.pallas_call(
+            _double_kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=True)(x)
+
+    pallas_double = jax.custom_vjp(double)  # timing runs forward and backward
+    pallas_double.defvjp(lambda x: (double(x), None), lambda _, g: (double(g),))
+
+    op = make_op("opaque_timed", {"pallas": pallas_double, "xla": slow_double})
+    x = jnp.ones((4, 8))
+    with pallas_kernels.opaque_kernels():
+        jax.jit(lambda x: op(x)).lower(x).compile()
+    (entry,) = [e for k, e in json.loads(path.read_text()).items() if "| opaque_timed |" in k]
+    assert sorted(entry["order"]) == ["pallas", "xla"] and not entry["declined"], entry
+    assert len(timed) == 2

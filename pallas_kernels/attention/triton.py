@@ -361,7 +361,7 @@ def _forward(q, k, v, mask, bias, plan: _Plan):
             args.append(arr)
     stat_shape = jax.ShapeDtypeStruct((plan.batch, plan.heads, plan.q_pad), _F32)
     stat_block = pl.BlockSpec((sq, sq, bq), lambda b, h, i: (b, h, i))
-    out, m, inv_l = pl.pallas_call(
+    out, m, inv_l = compat.pallas_call(
         functools.partial(_fwd_kernel, plan=plan),
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape, stat_shape),
         grid=(plan.batch, plan.heads, plan.q_pad // bq),
@@ -536,7 +536,7 @@ def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
     row_block = pl.BlockSpec((sq, bq, sq, d), lambda b, h, i: (b, i, h, 0))
     stat_block = pl.BlockSpec((sq, sq, bq), lambda b, h, i: (b, h, i))
     stat_shape = jax.ShapeDtypeStruct((B, H, plan.q_pad), _F32)
-    delta = pl.pallas_call(
+    delta = compat.pallas_call(
         _delta_kernel, out_shape=stat_shape, grid=(B, H, plan.q_pad // bq),
         in_specs=[row_block, row_block], out_specs=stat_block,
         compiler_params=params, interpret=plan.interpret, name="attention_bwd_delta",
@@ -555,7 +555,7 @@ def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
                                                     h if layout.heads else 0, 0,
                                                     j if layout.k else 0))
 
-    dk, dv = pl.pallas_call(
+    dk, dv = compat.pallas_call(
         functools.partial(_dkv_kernel, plan=plan),
         out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
         grid=(B, Hkv, plan.kv_pad // bk),
@@ -567,7 +567,7 @@ def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
 
     # dQ: grid over (batch, head, query block).
     all_keys = pl.BlockSpec((sq, plan.kv_pad, sq, d), lambda b, h, i: (b, 0, h // group, 0))
-    dq = pl.pallas_call(
+    dq = compat.pallas_call(
         functools.partial(_dq_kernel, plan=plan),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(B, H, plan.q_pad // bq),
@@ -586,7 +586,7 @@ def _backward(q, k, v, mask, bias, out, stats, do, plan: _Plan):
                 bias.shape[3] // out_block[1])
         whole = [pl.BlockSpec(a.shape, lambda *_, n=a.ndim: (0,) * n)
                  for a in (q, k, v, *(arr for arr, _ in mask_bias), do, *stats, delta)]
-        dbias = pl.pallas_call(
+        dbias = compat.pallas_call(
             functools.partial(_dbias_kernel, plan=plan),
             out_shape=jax.ShapeDtypeStruct(bias.shape, _F32),
             grid=grid,
@@ -632,9 +632,13 @@ def _pad_axis(x, axis: int, size: int):
     return jnp.pad(x, widths)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "interpret"))
-def _flash_attention(q, k, v, mask, bias, *, causal, scale, config, interpret):
-    """Pad to the block sizes (and a power-of-two head dim), run the kernels, slice the result."""
+@functools.partial(jax.jit,
+                   static_argnames=("causal", "scale", "config", "interpret", "opaque"))
+def _flash_attention(q, k, v, mask, bias, *, causal, scale, config, interpret, opaque):
+    """Pad to the block sizes (and a power-of-two head dim), run the kernels, slice the result.
+
+    `opaque` (`compat.opaque()`) only keys this jit's cache: the kernels read it themselves."""
+    del opaque
     B, q_len, H, head_dim = q.shape
     kv_len, Hkv = k.shape[1], k.shape[2]
     q_pad = _round_up(q_len, config.q_multiple)
@@ -695,7 +699,7 @@ def pallas_attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None,
             list(dict.fromkeys(c.clamped(q_len, kv_len) for c in config_space(head_dim))),
             heuristic_config(q_len, kv_len, head_dim, interpret=interpret))
     return _flash_attention(q, k, v, mask, bias, causal=bool(causal), scale=scale, config=config,
-                            interpret=interpret)
+                            interpret=interpret, opaque=compat.opaque())
 
 
 # ---------------------------------------------------------------------------------------------

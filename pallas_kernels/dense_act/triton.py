@@ -22,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _pallas_compat as compat
 from pallas_kernels._dispatch import interpret_mode, tuned_config
 from pallas_kernels._tiles import bound, fit, load_tile, params, store_tile
 
@@ -180,7 +181,7 @@ def dense_forward(kind: str, activation: str, x, weights, bias, out_dtype, confi
     kernel = functools.partial(
         _forward_kernel, kind=kind, activation=activation, n_weights=len(weights),
         has_bias=bias is not None, n_pre=n_pre, m=m, n=n, k=k, block_k=bk)
-    y, *pre = pl.pallas_call(
+    y, *pre = compat.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype)]
         + [jax.ShapeDtypeStruct((m, n), x.dtype)] * n_pre,
@@ -287,7 +288,7 @@ def dense_backward(kind: str, activation: str, x, weights, bias, pre, dy, config
     if kind == "dense" and activation == "identity":
         dzs = [dy]
     else:
-        dzs = pl.pallas_call(
+        dzs = compat.pallas_call(
             functools.partial(_pre_grad_kernel, kind=kind, activation=activation,
                               n_pre=len(pre), m=m, n=n),
             out_shape=[jax.ShapeDtypeStruct((m, n), x.dtype)] * n_weights,
@@ -300,7 +301,7 @@ def dense_backward(kind: str, activation: str, x, weights, bias, pre, dy, config
         )(dy, *pre)
 
     n_padded = pl.cdiv(n, bk) * bk
-    dx = pl.pallas_call(
+    dx = compat.pallas_call(
         functools.partial(_grad_input_kernel, n_weights=n_weights, m=m, n=n, k=k, block_k=bk),
         out_shape=jax.ShapeDtypeStruct((m, k), x.dtype),
         grid=(pl.cdiv(m, bm), pl.cdiv(k, bn)),
@@ -318,7 +319,7 @@ def dense_backward(kind: str, activation: str, x, weights, bias, pre, dy, config
     if bias is not None:
         out_shape.append(jax.ShapeDtypeStruct((n,), bias.dtype))
         out_specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
-    grads = pl.pallas_call(
+    grads = compat.pallas_call(
         functools.partial(_grad_weights_kernel, n_weights=n_weights, has_bias=bias is not None,
                           m=m, n=n, k=k, block_k=bk),
         out_shape=out_shape,

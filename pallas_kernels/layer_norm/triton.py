@@ -113,7 +113,7 @@ def norm_forward(x, scale, bias, eps, *, centered: bool, config: NormConfig):
     kernel = functools.partial(
         _norm_forward_kernel, centered=centered, has_scale=scale is not None,
         has_bias=bias is not None, n_rows=n_rows, n_cols=n_cols)
-    outs = pl.pallas_call(
+    outs = compat.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=(pl.cdiv(n_rows, block_rows),),
@@ -211,7 +211,7 @@ def norm_backward(x, scale, bias, mean, rstd, dy, *, centered: bool, eps_grad: b
         _norm_backward_kernel, centered=centered, has_scale=scale is not None,
         has_bias=bias is not None, eps_grad=eps_grad, n_rows=n_rows, n_cols=n_cols,
         block_rows=block_rows)
-    dx, *partials = pl.pallas_call(
+    dx, *partials = compat.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)] + [partial_shape] * n_partials,
         grid=(programs,),

@@ -191,7 +191,7 @@ def linear_cross_entropy_forward(x, w, labels, layout, out_dtype, config):
     interpret = interpret_mode()
     partial_shape = jax.ShapeDtypeStruct((splits, n_tokens), jnp.float32)
     partial_block = pl.BlockSpec((compat.squeezed, bt), lambda i, s: (s, i))
-    partials = pl.pallas_call(
+    partials = compat.pallas_call(
         functools.partial(_linear_ce_forward_kernel, layout=layout, n_tokens=n_tokens, d=d,
                           vocab=vocab, block_vocab=config.block_vocab,
                           block_depth=config.block_depth, blocks_per_split=per_split,
@@ -208,7 +208,7 @@ def linear_cross_entropy_forward(x, w, labels, layout, out_dtype, config):
     )(x, w, labels)
     tokens = pl.BlockSpec((bt,), lambda i: (i,))
     all_splits = pl.BlockSpec((pl.next_power_of_2(splits), bt), lambda i: (0, i))
-    return pl.pallas_call(
+    return compat.pallas_call(
         functools.partial(_linear_ce_combine_kernel, n_tokens=n_tokens, vocab=vocab,
                           splits=splits),
         out_shape=[jax.ShapeDtypeStruct((n_tokens,), out_dtype),
@@ -323,7 +323,7 @@ def linear_cross_entropy_backward(x, w, labels, lse, dloss, layout, config):
     common = dict(layout=layout, n_tokens=n_tokens, d=d, vocab=vocab)
     interpret = interpret_mode()
 
-    dlogits_call = pl.pallas_call(
+    dlogits_call = compat.pallas_call(
         functools.partial(_linear_ce_dlogits_kernel, block_depth=bd, **common),
         out_shape=jax.ShapeDtypeStruct((n_tokens, chunk), x.dtype),
         grid=(pl.cdiv(n_tokens, bt), chunk // bv),
@@ -334,7 +334,7 @@ def linear_cross_entropy_backward(x, w, labels, lse, dloss, layout, config):
         interpret=interpret,
         name="linear_cross_entropy_bwd_dlogits",
     )
-    dx_call = pl.pallas_call(
+    dx_call = compat.pallas_call(
         functools.partial(_linear_ce_dx_kernel, block_vocab=bv, **common),
         out_shape=jax.ShapeDtypeStruct((n_tokens, d), jnp.float32),
         grid=(pl.cdiv(n_tokens, bt), pl.cdiv(d, bd)),
@@ -346,7 +346,7 @@ def linear_cross_entropy_backward(x, w, labels, lse, dloss, layout, config):
         interpret=interpret,
         name="linear_cross_entropy_bwd_dx",
     )
-    dw_call = pl.pallas_call(
+    dw_call = compat.pallas_call(
         functools.partial(_linear_ce_dw_kernel, block_tokens=bt, block_depth=bd, block_vocab=bv,
                           **common),
         out_shape=jax.ShapeDtypeStruct(w.shape, w.dtype),

@@ -15,6 +15,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _pallas_compat as compat
 from pallas_kernels._dispatch import interpret_mode, tuned_config
 from pallas_kernels._tiles import (bound, finish_logsumexp, load, mask2, online_logsumexp_step,
                                    params, vector_mask)
@@ -87,7 +88,7 @@ def softmax_cross_entropy_forward(logits, labels, config: CrossEntropyConfig):
     v_padded = pl.cdiv(vocab, bv) * bv
     rows = pl.BlockSpec((br,), lambda i: (i,))
     interpret = interpret_mode()
-    return pl.pallas_call(
+    return compat.pallas_call(
         functools.partial(_softmax_ce_forward_kernel, n_rows=n_rows, vocab=vocab,
                           block_vocab=bv),
         out_shape=[jax.ShapeDtypeStruct((n_rows,), logits.dtype),
@@ -134,7 +135,7 @@ def softmax_cross_entropy_backward(logits, labels, lse, dloss, config: CrossEntr
     rows = pl.BlockSpec((br,), lambda i: (i,))
     interpret = interpret_mode()
     full_rows = pl.BlockSpec((br, v_padded), lambda i: (i, 0))
-    return pl.pallas_call(
+    return compat.pallas_call(
         functools.partial(_softmax_ce_backward_kernel, n_rows=n_rows, vocab=vocab,
                           block_vocab=bv),
         out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
