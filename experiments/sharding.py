@@ -100,33 +100,102 @@ def _shape_bytes(text: str) -> int:
     return total
 
 
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]")
+_MESH_AXES = re.compile(r"\s*\{([^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
+_LISTED_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+
+
+def _group_size(line: str, num_devices: int) -> int:
+    """How many devices take part in each group of a collective's HLO line: `mesh[a=4,b=2]`
+    (optionally `, device_ids=(...)`) then the grouped axes `{'b'}`, or `[groups,size]<=[...]`,
+    or listed groups `{{0,1},...}`; all devices when the line names no groups."""
+    m = _MESH_GROUPS.search(line)
+    if m:
+        sizes = {k.strip().strip("'"): int(v) for k, v in
+                 (item.split("=") for item in m.group(1).split(",") if "=" in item)}
+        rest = line[m.end():]
+        if rest.startswith(", device_ids="):  # skip its balanced parentheses
+            depth, i = 0, len(", device_ids=")
+            for i in range(i, len(rest)):
+                depth += {"(": 1, ")": -1}.get(rest[i], 0)
+                if depth == 0:
+                    break
+            rest = rest[i + 1:]
+        axes = _MESH_AXES.match(rest)
+        names = ([a.strip().strip("'") for a in axes.group(1).split(",") if a.strip()]
+                 if axes else list(sizes))
+        return math.prod(sizes[a] for a in names)
+    m = _IOTA_GROUPS.search(line)
+    if m:
+        return int(m.group(2))
+    m = _LISTED_GROUPS.search(line)
+    if m:
+        return len([d for d in m.group(1).split(",") if d])
+    return num_devices
+
+
+def _collectives(hlo_text: str, num_devices: int):
+    """(op, result shapes text, bytes of its results, devices per group) of every collective in
+    an HLO module's text. Asynchronous starts return their operands with their results; only
+    the results are counted."""
+    for line in hlo_text.splitlines():
+        line = _COMMENT.sub("", line)
+        m = _INSTRUCTION.search(line)
+        if not m:
+            continue
+        op, shapes = m.group(2), _SHAPE.findall(m.group(1))
+        if op == "all-gather-start":
+            shapes = shapes[len(shapes) // 2:]
+        elif op == "collective-permute-start":
+            shapes = shapes[1:2]
+        nbytes = sum(_DTYPE_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
+                     for dtype, dims in shapes)
+        group = 1 if op.startswith("collective-permute") else _group_size(line, num_devices)
+        yield op.removesuffix("-start"), shapes, nbytes, group
+
+
 def collective_bytes(hlo_text: str) -> int:
     """Bytes of the results of every collective in an HLO module's text (per device)."""
-    total = 0
-    for line in hlo_text.splitlines():
-        m = _INSTRUCTION.search(_COMMENT.sub("", line))
-        if m:
-            total += _shape_bytes(m.group(1))
-    return total
+    return sum(nbytes for _, _, nbytes, _ in _collectives(hlo_text, 1))
+
+
+def wire_bytes(hlo_text: str, num_devices: int) -> int:
+    """Bytes each device sends for the collectives of an HLO module's text, by the
+    bandwidth-optimal (ring) algorithms, as NCCL's bus bandwidth counts them: an all-reduce of S
+    bytes over n devices sends 2 (n-1)/n S, an all-gather to S bytes or an all-to-all of S bytes
+    (n-1)/n S, a reduce-scatter to S bytes (n-1) S, a collective permute S.
+
+    Unlike `collective_bytes`, this weighs an all-reduce twice an all-gather of the same size,
+    as the network sees them."""
+    total = 0.0
+    for op, _, nbytes, n in _collectives(hlo_text, num_devices):
+        if op == "all-reduce":
+            total += 2 * (n - 1) / n * nbytes
+        elif op in ("all-gather", "all-to-all"):
+            total += (n - 1) / n * nbytes
+        elif op == "reduce-scatter":
+            total += (n - 1) * nbytes
+        else:
+            total += nbytes
+    return int(round(total))
 
 
 def scalar_collectives(hlo_text: str) -> int:
     """Collectives whose results are all scalars (a predicate or a loss made the same on every
     device): each is a point where devices wait on each other for a few bytes."""
-    count = 0
-    for line in hlo_text.splitlines():
-        m = _INSTRUCTION.search(_COMMENT.sub("", line))
-        if m and all(dims == "" for _, dims in _SHAPE.findall(m.group(1))):
-            count += 1
-    return count
+    return sum(all(dims == "" for _, dims in shapes)
+               for _, shapes, _, _ in _collectives(hlo_text, 1))
 
 
-def compiled_costs(compiled) -> dict:
-    """Collective bytes, scalar collectives and temporary memory of a compiled executable, per
-    device."""
+def compiled_costs(compiled, num_devices: int | None = None) -> dict:
+    """Collective bytes (results, and sent over the wire), scalar collectives and temporary
+    memory of a compiled executable, per device. `num_devices`: the devices of a collective
+    whose line names no groups (default: every device JAX sees)."""
     analysis = compiled.memory_analysis()
     text = compiled.as_text()
     return {"collective_bytes": collective_bytes(text),
+            "wire_bytes": wire_bytes(text, num_devices or jax.device_count()),
             "scalar_collectives": scalar_collectives(text),
             "temp_memory_bytes": None if analysis is None else int(analysis.temp_size_in_bytes)}
 
@@ -144,8 +213,8 @@ def compare(model: str, kind: str, mesh: Mesh, *, implementation=None, batch: in
     """Compiled costs, step time and results of the original and the optimized train gradient.
 
     Returns {"baseline": {...}, "optimized": {...}, "results": [(l0, g0), (l1, g1)]}; each
-    variant's record holds collective_bytes, scalar_collectives, temp_memory_bytes (per device)
-    and step_time_s. When the optimized program runs Pallas kernels on a CPU (Pallas's
+    variant's record holds collective_bytes, wire_bytes, scalar_collectives, temp_memory_bytes
+    (per device) and step_time_s. When the optimized program runs Pallas kernels on a CPU (Pallas's
     interpreter), "kernels_as_calls" holds the same costs of the optimized program traced again
     under `pallas_kernels.opaque_kernels()`: each kernel one opaque call, as a GPU or TPU
     compiles it, without the interpreter's loop that copies every operand of a kernel.
@@ -169,7 +238,7 @@ def compare(model: str, kind: str, mesh: Mesh, *, implementation=None, batch: in
         start = time.perf_counter()
         for _ in range(steps):
             jax.block_until_ready(compiled(params, data))
-        record = compiled_costs(compiled)
+        record = compiled_costs(compiled, mesh.size)
         record["step_time_s"] = (time.perf_counter() - start) / steps
         record["output_shardings"] = compiled.output_shardings
         out[name] = record
@@ -181,7 +250,7 @@ def compare(model: str, kind: str, mesh: Mesh, *, implementation=None, batch: in
             stand_ins = passes.optimize(spec.loss,
                                         passes.default_pipeline(implementation=implementation))
             compiled = _step(stand_ins, ps, bs).lower(params, data).compile()
-        out["kernels_as_calls"] = compiled_costs(compiled)
+        out["kernels_as_calls"] = compiled_costs(compiled, mesh.size)
     return out
 
 
@@ -203,8 +272,8 @@ def mesh_table(models_: tuple[str, ...], mesh: Mesh, implementations=(None, "pal
                 r = compare(model, kind, mesh, implementation=impl, batch=batch, steps=steps)
                 row = {"model": model, "implementation": impl or "default", "placement": kind}
                 for variant in ("baseline", "optimized"):
-                    for key in ("collective_bytes", "scalar_collectives", "temp_memory_bytes",
-                                "step_time_s"):
+                    for key in ("collective_bytes", "wire_bytes", "scalar_collectives",
+                                "temp_memory_bytes", "step_time_s"):
                         row[f"{variant}_{key}"] = r[variant][key]
                 for key, value in r.get("kernels_as_calls", {}).items():
                     row[f"kernels_as_calls_{key}"] = value
@@ -219,7 +288,8 @@ def format_row(row: dict) -> str:
                 if "kernels_as_calls_temp_memory_bytes" in row else "")
     return (f"{row['model']:<12} {row['implementation']:<8} {row['placement']:<7} "
             f"collectives {mb(row['baseline_collective_bytes'])} -> "
-            f"{mb(row['optimized_collective_bytes'])} MB (scalar "
+            f"{mb(row['optimized_collective_bytes'])} MB (sent {mb(row['baseline_wire_bytes'])} -> "
+            f"{mb(row['optimized_wire_bytes'])} MB, scalar "
             f"{row['baseline_scalar_collectives']} -> {row['optimized_scalar_collectives']})   temp "
             f"{mb(row['baseline_temp_memory_bytes'])} -> {mb(row['optimized_temp_memory_bytes'])} MB"
             f"{as_calls}   step {row['baseline_step_time_s'] * 1e3:.1f} -> "

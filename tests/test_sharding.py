@@ -91,7 +91,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
             attention_layers=models.get(model).idioms["attention"],
             **{f"{v}_{k}": r[v][k] for v in ("baseline", "optimized", "kernels_as_calls")
                if v in r
-               for k in ("collective_bytes", "scalar_collectives", "temp_memory_bytes")}))
+               for k in ("collective_bytes", "wire_bytes", "scalar_collectives",
+                         "temp_memory_bytes")}))
 
     # Vocabulary-parallel linear cross-entropy against an unsharded float64 reference.
     rng = np.random.default_rng(0)
@@ -289,6 +290,16 @@ SHARDED_SCRIPT = textwrap.dedent("""
                                 for l in text.splitlines() if "all-gather(" in l] + [0]),
             local_block=int(args[0].nbytes) // 8, grad_specs=grad_specs,
             specs=[spec_axes(s) for s in specs])
+
+    # Bytes sent per device for collectives whose groups the HLO names in different ways.
+    def wire(f, spec):
+        x = jax.device_put(np.ones((8, 1024), np.float32), NamedSharding(mesh, spec))
+        text = jax.jit(f, out_shardings=NamedSharding(mesh, P())).lower(x).compile().as_text()
+        return [sh.wire_bytes(text, 8), sh.collective_bytes(text)]
+    out["wire"] = dict(sum_all=wire(lambda x: jnp.sum(x, 0), P(("data", "model"))),
+                       sum_model=wire(lambda x: jnp.sum(x, 0), P("model")),
+                       gather_model=wire(lambda x: x * 2, P("model")),
+                       gather_all=wire(lambda x: x * 2, P(("data", "model"))))
     print("RESULT" + json.dumps(out))
 """).replace("import json, sys, warnings", "import functools, json, sys, warnings")
 
@@ -362,6 +373,51 @@ def test_sharded_rewrite_adds_one_predicate_per_attention_layer(model, impl, pla
 def test_sharded_collectives_within_original(model, impl, placement):
     r = _case(model, impl, placement)
     assert r["optimized_collective_bytes"] <= r["baseline_collective_bytes"] + SMALL_BYTES, r
+
+
+@pytest.mark.parametrize("model,impl,placement", CASES)
+def test_sharded_bytes_sent_within_original(model, impl, placement):
+    # What each device sends (ring algorithms: an all-reduce sends twice what an all-gather of
+    # the same size does). gpt2 "tensor" gathers its tied embedding for the cross-entropy where
+    # the original all-reduces the logits: more result bytes, fewer sent.
+    r = _case(model, impl, placement)
+    assert r["optimized_wire_bytes"] <= r["baseline_wire_bytes"] + SMALL_BYTES, r
+
+
+@pytest.mark.parametrize("case,want", [
+    # (wire bytes, result bytes) of one collective over a (data 4, model 2) mesh, 4 KB of sums
+    # or a 32 KB gathered array: 2 (n-1)/n S for an all-reduce, (n-1)/n S for an all-gather.
+    ("sum_all", [2 * 7 * 4096 // 8, 4096]), ("sum_model", [4096, 4096]),
+    ("gather_model", [32768 // 2, 32768]), ("gather_all", [7 * 32768 // 8, 32768])])
+def test_bytes_sent_per_collective(case, want):
+    assert _sharded_results()["wire"][case] == want
+
+
+@pytest.mark.parametrize("line,size", [
+    ("x = f32[8] all-reduce(y), replica_groups=mesh['a'=4,'b'=2] {'b'}, to_apply=f", 2),
+    ("x = f32[8] all-gather(y), replica_groups=mesh['a'=1,'b'=2,'c'=4], "
+     "device_ids=([4,2]T(1,0)) {'b','c'}, dimensions={0}", 8),
+    ("x = f32[8] all-gather(y), replica_groups=mesh['a'=1,'b'=2,'c'=4], "
+     "device_ids=([4,2]T(1,0)) {'b'}, dimensions={0}", 2),
+    ("x = f32[8] all-reduce(y), replica_groups=mesh['a'=2,'b'=4], dimensions={0}", 8),
+    ("x = f32[8] all-reduce(y), replica_groups=[4,2]<=[8], to_apply=f", 2),
+    ("x = f32[8] all-reduce(y), replica_groups={{0,1,2},{3,4,5}}, to_apply=f", 3),
+    ("x = f32[8] all-reduce(y), replica_groups={}, to_apply=f", 16)])
+def test_collective_group_sizes_in_every_hlo_spelling(line, size):
+    from experiments import sharding as sh
+
+    assert sh._group_size(line, 16) == size
+
+
+def test_async_collectives_count_their_results_only():
+    from experiments import sharding as sh
+
+    text = ("  %s = (f32[4], f32[16]) all-gather-start(f32[4] %x), replica_groups=[2,4]<=[8]\n"
+            "  %p = (f32[8], f32[8], u32[], u32[]) collective-permute-start(f32[8] %y), "
+            "source_target_pairs={{0,1},{1,0}}\n"
+            "  %r = f32[32] all-reduce-start(f32[32] %z), replica_groups=[4,2]<=[8]\n")
+    assert sh.collective_bytes(text) == 4 * (16 + 8 + 32)
+    assert sh.wire_bytes(text, 8) == 3 * 64 // 4 + 32 + 2 * 128 // 2
 
 
 @pytest.mark.parametrize("model,impl,placement", _marked("temp"))
