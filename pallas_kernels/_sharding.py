@@ -67,6 +67,9 @@ class Collective:
     # Factors that must be split over the same mesh axes as `factor` for this collective to
     # apply (ring attention: the queries' positions with the keys'); it handles them too.
     companions: tuple[str, ...] = ()
+    # Factors whose own split, where there is one, is honoured instead: this collective then
+    # does not apply (a weight split on d moved onto an unsplit vocabulary).
+    unless_split: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +250,8 @@ class _Partitioned:
             n = _size(mesh, mesh_axes)
             if f in self.rule.whole:
                 handler = self._collective(f)
+                if handler is not None and any(u in first for u in handler.unless_split):
+                    handler = None
                 if handler is None or collective is not None or size % n:
                     _report_gather(
                         f"pallas_kernels: {self.name}: {f!r} is split over mesh axes "

@@ -54,13 +54,35 @@ def _backward(axes, shards, cotangents, x, w, labels, *, w_layout):
     return dx, dw.astype(w.dtype)
 
 
+# d split: each device dots its own features and the shards add [tokens] floats; the backward
+# needs no communication (each device's features of dx and of the weight's rows are its own).
+
+def _forward_d(axes, shards, x, w, labels, *, w_layout):
+    return lax.psum(linear_logit_xla(x, w, labels, w_layout=w_layout), axes)
+
+
+def _backward_d(axes, shards, cotangents, x, w, labels, *, w_layout):
+    (g,) = cotangents
+    index = labels.reshape(-1)
+    x2d, rows = _rows(x, w, index, w_layout)
+    g = g.reshape(-1).astype(jnp.float32)[:, None]
+    dx = (g * rows).astype(x.dtype).reshape(x.shape)
+    if w_layout == "vd":
+        dw = jnp.zeros(w.shape, jnp.float32).at[index].add(g * x2d)
+    else:
+        dw = jnp.zeros(w.shape, jnp.float32).at[:, index].add((g * x2d).T)
+    return dx, dw.astype(w.dtype)
+
+
 def linear_logit_sharding(x, w, labels, *, w_layout):
     rows = batch_dims(labels.ndim)
     weight = "d v" if w_layout == "dv" else "v d"
     return ShardingRule(
         args=(f"{rows} d", weight, rows), kwargs=dict(w_layout=w_layout), results=(rows,),
         whole={"d": "the logit contracts d", "v": "a label may index any column"},
-        collectives=(Collective("v", _forward, _backward, implementation="xla"),))
+        collectives=(Collective("v", _forward, _backward, implementation="xla"),
+                     Collective("d", _forward_d, _backward_d, implementation="xla",
+                                unless_split=("v",))))
 
 
 linear_logit_op = Op("linear_logit", sharding=linear_logit_sharding, shard_xla=True)

@@ -1,11 +1,18 @@
 """How linear_cross_entropy's kernels split across devices (see pallas_kernels/_sharding.py).
 
-Tokens split freely. d does not (the logits contract it). The vocabulary may: with the weight's
-vocabulary axis split over mesh axes, as in a tensor-parallel language-model head, each device
-runs the kernels on its own columns and the shards combine their log-sum-exp statistics and
-picked logits with one all-reduce of [tokens] floats (Megatron-LM's vocabulary-parallel
-cross-entropy); the backward's logit gradients need only the combined log-sum-exp, and the input
-gradient adds the shards' parts. Neither the weight nor the logits are ever gathered.
+Tokens split freely. The vocabulary may: with the weight's vocabulary axis split over mesh
+axes, as in a tensor-parallel language-model head, each device runs the kernels on its own
+columns and the shards combine their log-sum-exp statistics and picked logits with one
+all-reduce of [tokens] floats (Megatron-LM's vocabulary-parallel cross-entropy); the backward's
+logit gradients need only the combined log-sum-exp, and the input gradient adds the shards'
+parts. With d split instead (the logits contract it; a tied embedding split on its features),
+the shards exchange the weight into a vocabulary split with an all-to-all (a device sends 1/n
+of what gathering the weight would send over n shards), gather the activations and run the
+same; the backward exchanges again (it recomputes the forward), returns the weight's gradient by
+all-to-all and reduce-scatters the input's: 3/n of a gather's bytes, and each device holds 1/n
+of the weight and of its gradient instead of all of both. Neither the weight nor the logits are
+ever gathered; with both d and the vocabulary split, the vocabulary's split is kept and d is
+gathered.
 """
 from __future__ import annotations
 
@@ -95,6 +102,49 @@ VOCAB_PARALLEL = tuple(
     for impl in ("pallas", "xla"))
 
 
+# d split (a weight split on its input features, as a tied embedding is in a tensor-parallel
+# model): the shards exchange the weight so that each holds whole rows of d for its part of the
+# vocabulary (see the module docstring for the bytes), gather the activations, and run
+# vocabulary-parallel cross-entropy. The backward sends the weight's gradient back the same way
+# and reduce-scatters the input's over d. No device holds the whole weight or its gradient.
+
+def _axes_of_w(w_layout):
+    """(vocabulary axis, d axis) of the weight."""
+    return (1, 0) if w_layout == "dv" else (0, 1)
+
+
+def _to_vocabulary_split(axes, x, w, w_layout):
+    v_axis, d_axis = _axes_of_w(w_layout)
+    w = lax.all_to_all(w, axes, v_axis, d_axis, tiled=True)
+    x = lax.all_gather(x, axes, axis=x.ndim - 1, tiled=True)
+    return x, w
+
+
+def _forward_d(implementation, axes, shards, x, w, labels, *, w_layout):
+    x, w = _to_vocabulary_split(axes, x, w, w_layout)
+    return _forward(implementation, axes, shards, x, w, labels, w_layout=w_layout)
+
+
+def _backward_d(implementation, axes, shards, cotangents, x, w, labels, *, w_layout):
+    (dloss,) = cotangents
+    if labels.size == 0:
+        return jnp.zeros_like(x), jnp.zeros_like(w)
+    x_local, w_local = x, w
+    x, w = _to_vocabulary_split(axes, x, w, w_layout)
+    kernels, local, _, lse, _ = _statistics(implementation, axes, shards, x, w, labels, w_layout)
+    dx, dw = kernels.backward(local, lse, dloss.reshape(-1))
+    dx = lax.psum_scatter(dx.astype(jnp.float32), axes, scatter_dimension=1, tiled=True)
+    v_axis, d_axis = _axes_of_w(w_layout)
+    dw = lax.all_to_all(dw.astype(w.dtype), axes, d_axis, v_axis, tiled=True)
+    return dx.astype(x.dtype).reshape(x_local.shape), dw.astype(w_local.dtype)
+
+
+FEATURE_EXCHANGE = tuple(
+    Collective("d", functools.partial(_forward_d, impl), functools.partial(_backward_d, impl),
+               implementation=impl, unless_split=("v",))
+    for impl in ("pallas", "xla"))
+
+
 def linear_cross_entropy_sharding(x, w, labels, *, w_layout):
     rows = batch_dims(labels.ndim)
     weight = "d v" if w_layout == "dv" else "v d"
@@ -102,4 +152,4 @@ def linear_cross_entropy_sharding(x, w, labels, *, w_layout):
                 results=(rows,),
                 whole={"d": "the logits contract d",
                        "v": "the log-sum-exp runs over the whole vocabulary"},
-                collectives=VOCAB_PARALLEL)
+                collectives=VOCAB_PARALLEL + FEATURE_EXCHANGE)
