@@ -560,9 +560,10 @@ def test_mesh_driver_reports_every_placement():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mesh {'data': 2, 'model': 2}" in out.stdout, out.stdout
     row = re.compile(r"gpt2-tiny\s+xla\s+(\w+)\s+collectives ([\d.]+) -> ([\d.]+) MB "
-                     r"\(scalar (\d+) -> (\d+)\)\s+temp ([\d.]+) -> ([\d.]+) MB\s+step")
+                     r"\(sent ([\d.]+) -> ([\d.]+) MB, scalar (\d+) -> (\d+)\)\s+"
+                     r"temp ([\d.]+) -> ([\d.]+) MB\s+step")
     rows = {m.group(1): [float(x) for x in m.groups()[1:]] for m in row.finditer(out.stdout)}
     assert set(rows) == {"data", "tensor", "fsdp"}, out.stdout
-    for placement, (c0, c1, s0, s1, t0, t1) in rows.items():
-        assert c0 > 0 and t0 > 0, (placement, out.stdout)  # read from the compiled HLO
+    for placement, (c0, c1, w0, w1, s0, s1, t0, t1) in rows.items():
+        assert c0 > 0 and w0 > 0 and t0 > 0, (placement, out.stdout)  # from the compiled HLO
         assert s1 - s0 <= 2 * 2, (placement, out.stdout)  # the guard's predicate, 2 layers

@@ -634,7 +634,7 @@ def _pad_axis(x, axis: int, size: int):
 
 @functools.partial(jax.jit,
                    static_argnames=("causal", "scale", "config", "interpret", "opaque"))
-def _flash_attention(q, k, v, mask, bias, *, causal, scale, config, interpret, opaque):
+def _flash_attention(q, k, v, mask, bias, *, causal, scale, config, interpret, opaque=False):
     """Pad to the block sizes (and a power-of-two head dim), run the kernels, slice the result.
 
     `opaque` (`compat.opaque()`) only keys this jit's cache: the kernels read it themselves."""

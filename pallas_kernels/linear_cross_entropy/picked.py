@@ -47,11 +47,16 @@ def _backward(axes, shards, cotangents, x, w, labels, *, w_layout):
     here, index, x2d, rows = _local(axes, x, w, labels, w_layout)
     g = jnp.where(here, g.reshape(-1).astype(jnp.float32), 0.0)[:, None]
     dx = lax.psum(g * rows, axes).astype(x.dtype).reshape(x.shape)
+    return dx, _rows_gradient(w, index, g * x2d, w_layout)
+
+
+def _rows_gradient(w, index, rows_cotangent, w_layout):
+    """The weight's gradient from its rows' cotangents ([tokens, d]) at `index`."""
     if w_layout == "vd":
-        dw = jnp.zeros(w.shape, jnp.float32).at[index].add(g * x2d)
+        dw = jnp.zeros(w.shape, jnp.float32).at[index].add(rows_cotangent)
     else:
-        dw = jnp.zeros(w.shape, jnp.float32).at[:, index].add((g * x2d).T)
-    return dx, dw.astype(w.dtype)
+        dw = jnp.zeros(w.shape, jnp.float32).at[:, index].add(rows_cotangent.T)
+    return dw.astype(w.dtype)
 
 
 # d split: each device dots its own features and the shards add [tokens] floats; the backward
@@ -67,11 +72,7 @@ def _backward_d(axes, shards, cotangents, x, w, labels, *, w_layout):
     x2d, rows = _rows(x, w, index, w_layout)
     g = g.reshape(-1).astype(jnp.float32)[:, None]
     dx = (g * rows).astype(x.dtype).reshape(x.shape)
-    if w_layout == "vd":
-        dw = jnp.zeros(w.shape, jnp.float32).at[index].add(g * x2d)
-    else:
-        dw = jnp.zeros(w.shape, jnp.float32).at[:, index].add((g * x2d).T)
-    return dx, dw.astype(w.dtype)
+    return dx, _rows_gradient(w, index, g * x2d, w_layout)
 
 
 def linear_logit_sharding(x, w, labels, *, w_layout):
