@@ -70,6 +70,8 @@ class Collective:
     # Factors whose own split, where there is one, is honoured instead: this collective then
     # does not apply (a weight split on d moved onto an unsplit vocabulary).
     unless_split: tuple[str, ...] = ()
+    # Other factors the split must divide too (the vocabulary a split d is moved onto).
+    divides: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +230,7 @@ class _Partitioned:
                                                 _named_spec(shape.sharding, len(axes)))]
         placed.sort(key=lambda p: _major(p[0]) in self.rule.whole)
         first = {}  # factor -> (size, mesh axes) of its first split occurrence
+        sizes = {_major(a): size for a, size, _ in placed if _major(a) is not None}
         for a, size, mesh_axes in placed:
             if _major(a) is not None and mesh_axes:
                 first.setdefault(_major(a), (size, mesh_axes))
@@ -250,7 +253,9 @@ class _Partitioned:
             n = _size(mesh, mesh_axes)
             if f in self.rule.whole:
                 handler = self._collective(f)
-                if handler is not None and any(u in first for u in handler.unless_split):
+                if handler is not None and (
+                        any(u in first for u in handler.unless_split)
+                        or any(sizes.get(g, 0) % n for g in handler.divides)):
                     handler = None
                 if handler is None or collective is not None or size % n:
                     _report_gather(

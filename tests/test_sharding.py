@@ -184,6 +184,23 @@ SHARDED_SCRIPT = textwrap.dedent("""
                 largest_reduction=max(reductions(text) + [0]), activation_bytes=int(x.nbytes) // 4,
                 tokens_bytes=labels.size * 4)
 
+    # The same with a vocabulary the split does not divide (GPT-2's 50257): no exchange is
+    # possible, d is gathered, loudly.
+    w_odd = (rng_d.standard_normal((32, 255)) * 0.2).astype(np.float32)
+    odd_labels = rng_d.integers(0, 255, (8, 16)).astype(np.int32)
+    odd = lambda x, w: jnp.sum(pk.linear_cross_entropy(x, w, odd_labels, implementation="pallas"))
+    before = len(_sharding.gathers())
+    l, (dx, dw) = jax.jit(jax.value_and_grad(odd, argnums=(0, 1)), in_shardings=(
+        NamedSharding(mesh, P("data", None, "model")), NamedSharding(mesh, P("model", None))))(x, w_odd)
+    jax.config.update("jax_enable_x64", True)
+    l64, (dx64, dw64) = jax.value_and_grad(
+        lambda x, w: jnp.sum(linear_cross_entropy_reference(x, w, odd_labels)), argnums=(0, 1))(
+        x.astype(np.float64), w_odd.astype(np.float64))
+    jax.config.update("jax_enable_x64", False)
+    out["kernels"]["split_d_odd_vocabulary"] = dict(
+        loss_rel=rel(l, l64), dx_rel=rel(dx, dx64), dw_rel=rel(dw, dw64),
+        gathers=_sharding.gathers()[before:])
+
     # A kernel with a contracted factor it cannot split gets its operand gathered, loudly; a
     # gathered weight's gradient keeps the weight's placement, each device reducing only its own
     # slice over "data" (not the whole gathered gradient).
@@ -493,6 +510,12 @@ def test_vocab_parallel_linear_cross_entropy(layout):
     assert r["all_gathers"] == 0, r  # neither the weight nor the logits
     assert r["collective_bytes"] < r["logits_bytes"] / 4, r
     assert "model" in r["dw_sharding"], r
+
+
+def test_feature_split_weight_over_an_indivisible_vocabulary_is_gathered_loudly():
+    r = _sharded_results()["kernels"]["split_d_odd_vocabulary"]
+    assert r["loss_rel"] < 1e-5 and r["dx_rel"] < 1e-4 and r["dw_rel"] < 1e-4, r
+    assert any("linear_cross_entropy" in g and "'d' is split" in g for g in r["gathers"]), r
 
 
 def test_gathered_weight_gradient_is_reduced_in_slices():

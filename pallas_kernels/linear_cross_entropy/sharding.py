@@ -141,7 +141,7 @@ def _backward_d(implementation, axes, shards, cotangents, x, w, labels, *, w_lay
 
 FEATURE_EXCHANGE = tuple(
     Collective("d", functools.partial(_forward_d, impl), functools.partial(_backward_d, impl),
-               implementation=impl, unless_split=("v",))
+               implementation=impl, unless_split=("v",), divides=("v",))
     for impl in ("pallas", "xla"))
 
 
