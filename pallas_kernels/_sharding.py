@@ -29,7 +29,10 @@ again; each other residual axis is named after the factor (or flattened factors)
 follows when the operands' factors are doubled and halved, and the forward call returns them as
 extra results. Where the blocks of a plan do not give residuals of that layout (padding, a
 minor flattened factor split), where a collective ran, or where no layout was found, the
-backward runs the forward again; a flag the forward returns tells the backward which.
+backward runs the forward again. A collective may keep what it completed (a log-sum-exp, a
+row's statistics) in arrays of its own declared layout (`Collective.saves`), so that its
+backward runs neither the forward's kernels nor its collectives again. A code the forward
+returns tells the backward what it saved; XLA folds the choice away when it compiles.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import functools
 import math
 import threading
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +75,13 @@ class Collective:
     unless_split: tuple[str, ...] = ()
     # Other factors the split must divide too (the vocabulary a split d is moved onto).
     divides: tuple[str, ...] = ()
+    # What the forward keeps for the backward (statistics its collectives completed), or None
+    # (the backward runs the forward again). `saves(*args, **kwargs)`, called like the op on its
+    # abstract global operands, gives `(dims, jax.ShapeDtypeStruct)` per kept array: global
+    # arrays in the rule's factor names, so a plan places them like the results. With it, the
+    # forward returns `(results, kept)` and the backward takes `saved` after the cotangents:
+    # `(the op's results, kept)`, or None where the forward did not run this collective.
+    saves: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +172,15 @@ def _size(mesh, axes) -> int:
     return n
 
 
+class _Handler(NamedTuple):
+    """The collective a plan runs, over which mesh axes (`shards` devices), and for a backward
+    whether the forward's plan (on the same operands) ran it too."""
+    collective: Collective
+    axes: tuple[str, ...]
+    shards: int
+    in_forward: bool
+
+
 @dataclasses.dataclass
 class _Plan:
     """Which mesh axes each factor is split over, for one call."""
@@ -187,12 +206,13 @@ class _Partitioned:
 
     def __init__(self, name: str, local: Callable, operands: list, results: list,
                  rule: ShardingRule, *, backward: bool, result_shapes: list,
-                 gradient_of: list[int] | None = None):
+                 gradient_of: list[int] | None = None, primals: int = 0):
         # `rule.collectives` holds only the implementation's own (see `per_shard`).
-        # `local(handler, local_result_shapes, *blocks)`; `result_shapes` are global.
-        # `gradient_of[i]`: the operand whose gradient result i is (a backward's).
+        # `local(handler, local_result_shapes, *blocks)`; `result_shapes` are global; `handler`
+        # is None or a `_Handler`. `gradient_of[i]`: the operand whose gradient result i is,
+        # and `primals` the number of leading operands that are the forward's (a backward's).
         self.name, self.local, self.rule, self.backward = name, local, rule, backward
-        self.result_shapes, self.gradient_of = result_shapes, gradient_of
+        self.result_shapes, self.gradient_of, self.primals = result_shapes, gradient_of, primals
         self.operands = [_axes_of(d) for d in operands]
         self.results = [_axes_of(d) for d in results]
         self.fn = custom_partitioning(lambda *arrays: tuple(local(None, result_shapes, *arrays)))
@@ -216,7 +236,7 @@ class _Partitioned:
     def _collective(self, factor: str) -> Collective | None:
         return next((c for c in self.rule.collectives if c.factor == factor), None)
 
-    def _plan(self, mesh, arg_shapes) -> _Plan:
+    def _plan(self, mesh, arg_shapes, operands=None, report: bool = True) -> _Plan:
         factor_axes: dict[str, tuple[str, ...]] = {}
         used: set[str] = set()
         collective = None
@@ -225,7 +245,8 @@ class _Partitioned:
         # parameters and their gradients stay where they were placed and the activations are
         # gathered instead (what XLA does for a column-split matmul).
         placed = [(a, size, mesh_axes)
-                  for axes, shape in zip(self.operands, arg_shapes)
+                  for axes, shape in zip(self.operands if operands is None else operands,
+                                         arg_shapes)
                   for a, size, mesh_axes in zip(axes, shape.shape,
                                                 _named_spec(shape.sharding, len(axes)))]
         placed.sort(key=lambda p: _major(p[0]) in self.rule.whole)
@@ -258,7 +279,7 @@ class _Partitioned:
                         or any(sizes.get(g, 0) % n for g in handler.divides)):
                     handler = None
                 if handler is None or collective is not None or size % n:
-                    _report_gather(
+                    report and _report_gather(
                         f"pallas_kernels: {self.name}: {f!r} is split over mesh axes "
                         f"{mesh_axes}, but {self.rule.whole[f]}; it is gathered for the "
                         f"kernel")
@@ -320,7 +341,16 @@ class _Partitioned:
         collective, factor_axes = plan.collective, plan.factor_axes
 
         axes = None if collective is None else factor_axes[collective.factor]
-        handler = None if collective is None else (collective, axes, _size(mesh, axes))
+        handler = None
+        if collective is not None:
+            # whether the forward, planning on the same operands, ran this collective too
+            ran = True
+            if self.backward:
+                before = self._plan(mesh, arg_shapes[:self.primals],
+                                    self.operands[:self.primals], report=False)
+                ran = (before.collective is collective
+                       and before.factor_axes.get(collective.factor) == axes)
+            handler = _Handler(collective, axes, _size(mesh, axes), ran)
         # the blocks `local` returns: before a kept split's own slice is taken
         local_shapes = [jax.ShapeDtypeStruct(NamedSharding(mesh, plan.spec(a)).shard_shape(
             r.shape), r.dtype) for a, r in zip(self.results, self.result_shapes)]
@@ -562,43 +592,63 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
         if key not in _residual_layouts:
             _residual_layouts[key] = _infer_residuals(bound, fn, diff, operand_dims, rule)
         residuals = _residual_layouts[key]
+        # what each collective keeps for its backward: slots after the kernel's residuals
+        kept = [() if c.saves is None else tuple(bound.call(c.saves, bound.abstract()))
+                for c in rule.collectives]
     out_tree = jax.tree_util.tree_structure(out_shapes)
     out_shapes = jax.tree_util.tree_leaves(out_shapes)
     n_out = len(out_shapes)
-    # forward results: the op's, then the saved residuals and whether they hold (a flag: a
-    # forward that ran a collective, or whose blocks the layout does not fit, saves zeros)
+    # forward results: the op's, then the saved residuals (the kernel's, then each collective's
+    # slots) and a code saying which hold: 0 none (the backward runs the forward again), 1 the
+    # kernel's, 2 + i those of collective i; slots that do not hold are zeros
+    n_kernel = len(residuals.dims) if residuals else 0
     saved_dims = list(residuals.dims) if residuals else []
     saved_shapes = list(residuals.shapes) if residuals else []
-    flag = [jax.ShapeDtypeStruct((), jnp.bool_)] if residuals else []
-    uses_results = residuals is not None and any(k[0] == "result" for k in residuals.kinds)
+    slots = []  # per collective: the range of its slots
+    for own in kept:
+        slots.append(range(len(saved_dims), len(saved_dims) + len(own)))
+        saved_dims += [dims for dims, _ in own]
+        saved_shapes += [shape for _, shape in own]
+    coded = residuals is not None or any(kept)
+    code = [jax.ShapeDtypeStruct((), jnp.int32)] if coded else []
+    uses_results = any(kept) or (
+        residuals is not None and any(k[0] == "result" for k in residuals.kinds))
+
+    def index_of(collective):
+        return next(i for i, c in enumerate(rule.collectives) if c is collective)
 
     def forward_local(handler, expected, *local):
         with _target.using(choice), compat.keeping_opaque(opaque):
+            want = expected[n_out:n_out + len(saved_shapes)]
+            fill, which = [None] * len(want), 0
             if handler is not None:
-                collective, axes, shards = handler
-                outs = jax.tree_util.tree_leaves(
-                    bound.call(functools.partial(collective.forward, axes, shards), local))
+                collective, axes, shards, _ = handler
+                outs = bound.call(functools.partial(collective.forward, axes, shards), local)
+                if collective.saves is not None:
+                    outs, own = outs
+                    i = index_of(collective)
+                    if _same_shapes(own, [want[k] for k in slots[i]]):
+                        for k, a in zip(slots[i], own):
+                            fill[k] = a
+                        which = 2 + i
+                outs = jax.tree_util.tree_leaves(outs)
             elif residuals is not None:
                 outs, leaves, _ = _vjp(bound, fn, diff, list(local))
-                want = expected[n_out:n_out + len(saved_shapes)]
-                if _fits(local, want):
+                if _fits(local, want[:n_kernel]):
                     saved = [leaves[i] for i, k in enumerate(residuals.kinds) if k[0] == "saved"]
-                    return list(outs) + saved + [jnp.array(True)]
+                    fill[:n_kernel], which = saved, 1
             else:
                 outs = jax.tree_util.tree_leaves(bound.call(fn, local))
-            if residuals is None:
+            if not coded:
                 return outs
-            # nothing saved: the backward runs the forward again (the flag says so)
-            return list(outs) + [jnp.zeros(w.shape, w.dtype)
-                                 for w in expected[n_out:n_out + len(saved_shapes)]] + [
-                jnp.array(False)]
+            return list(outs) + [jnp.zeros(w.shape, w.dtype) if a is None else a
+                                 for a, w in zip(fill, want)] + [jnp.array(which, jnp.int32)]
 
     def _fits(local, saved):
         """Whether these blocks' residuals are those of the layout, saved ones of these shapes."""
         kinds, shapes = _residual_kinds(bound, fn, diff, [
             jax.ShapeDtypeStruct(a.shape, a.dtype) for a in local])
-        return kinds == residuals.kinds and [(a.shape, a.dtype) for a in shapes] == [
-            (a.shape, a.dtype) for a in saved]
+        return kinds == residuals.kinds and _same_shapes(shapes, saved)
 
     def backward_local(handler, expected, *local):
         with _target.using(choice), compat.keeping_opaque(opaque):
@@ -606,13 +656,25 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
             results = rest[:n_out] if uses_results else None
             rest = rest[n_out:] if uses_results else rest
             saved, rest = rest[:len(saved_shapes)], rest[len(saved_shapes):]
-            ok, cotangents = (rest[0], rest[1:]) if residuals else (None, rest)
+            which, cotangents = (rest[0], rest[1:]) if coded else (None, rest)
             if handler is not None:
-                collective, axes, shards = handler
+                collective, axes, shards, in_forward = handler
                 backward = functools.partial(collective.backward, axes, shards, cotangents)
-                return list(bound.call(backward, primals))
+                if collective.saves is None:
+                    return list(bound.call(backward, primals))
+                if not in_forward:  # its slots hold zeros: the backward runs the forward again
+                    return _rerun_collective(bound, backward, primals)
+                # Chosen when tracing (XLA does not drop a conditional holding collectives): the
+                # forward planned the same on the same operands. Should it ever not have run it
+                # after all, its slots read NaN rather than zeros: loud, never silently wrong.
+                i = index_of(collective)
+                own = tuple(jnp.where(which == 2 + i, saved[k], jnp.nan)
+                            if jnp.issubdtype(saved[k].dtype, jnp.inexact) else saved[k]
+                            for k in slots[i])
+                return list(bound.call(functools.partial(backward, (tuple(results), own)),
+                                       primals))
             recompute = lambda: _recomputed_vjp(bound, fn, diff, primals, cotangents)  # noqa: E731
-            if residuals is None or not _fits(primals, saved):
+            if residuals is None or not _fits(primals, saved[:n_kernel]):
                 return recompute()
             # traced again only for its structure: the recomputed residuals are dead code
             _, fresh, treedef = _vjp(bound, fn, diff, primals)
@@ -630,18 +692,18 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
                         leaves.append(saved[kind[1]])
                 return list(jax.tree_util.tree_unflatten(treedef, leaves)(list(cotangents)))
 
-            return jax.lax.cond(ok, from_saved, recompute)
+            return jax.lax.cond(which == 1, from_saved, recompute)
 
     forward = _Partitioned(name, forward_local, operand_dims, list(rule.results) + saved_dims
-                           + ([""] if residuals else []), rule, backward=False,
-                           result_shapes=out_shapes + saved_shapes + flag)
+                           + ([""] if coded else []), rule, backward=False,
+                           result_shapes=out_shapes + saved_shapes + code)
     backward = _Partitioned(
         f"{name} (backward)", backward_local,
         operand_dims + (list(rule.results) if uses_results else []) + saved_dims
-        + ([""] if residuals else []) + list(rule.results),
+        + ([""] if coded else []) + list(rule.results),
         [operand_dims[j] for j in diff], rule, backward=True,
         result_shapes=[jax.ShapeDtypeStruct(arrays[j].shape, arrays[j].dtype) for j in diff],
-        gradient_of=list(diff))
+        gradient_of=list(diff), primals=n)
 
     @jax.custom_vjp
     def run(*arrays):
@@ -659,6 +721,16 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
 
     run.defvjp(run_fwd, run_bwd)
     return jax.tree_util.tree_unflatten(out_tree, list(run(*arrays)))
+
+
+def _rerun_collective(bound, backward, primals):
+    """A collective's backward that runs its forward again (it was given nothing saved)."""
+    return list(bound.call(functools.partial(backward, None), primals))
+
+
+def _same_shapes(arrays, like) -> bool:
+    return [(a.shape, jnp.dtype(a.dtype)) for a in arrays] == [
+        (b.shape, jnp.dtype(b.dtype)) for b in like]
 
 
 def _recomputed_vjp(bound, fn, diff, primals, cotangents):

@@ -37,18 +37,23 @@ def test_ring_attention_matches_float64(platform, causal, shards, heads, kv_head
     do = rng.standard_normal(q.shape).astype(np.float32)
     kw = dict(causal=causal, mask=None, bias=None, scale=None)
     with _target.using(_target.KernelChoice.of("pallas", platform)):
-        out = jax.jit(jax.vmap(lambda q, k, v: ring_forward("ring", shards, q, k, v, **kw),
-                               axis_name="ring"))(*(_blocks(a, shards) for a in (q, k, v)))
-        grads = jax.jit(jax.vmap(
-            lambda q, k, v, do: ring_backward("ring", shards, (do,), q, k, v, **kw),
-            axis_name="ring"))(*(_blocks(a, shards) for a in (q, k, v, do)))
+        blocks = [_blocks(a, shards) for a in (q, k, v, do)]
+        out, stats = jax.jit(jax.vmap(
+            lambda q, k, v: ring_forward("ring", shards, q, k, v, **kw),
+            axis_name="ring"))(*blocks[:3])
+        # the backward with the statistics the forward kept, and running the forward again
+        backward = jax.jit(jax.vmap(
+            lambda saved, q, k, v, do: ring_backward("ring", shards, (do,), saved, q, k, v, **kw),
+            axis_name="ring"))
+        kept, again = backward(((out,), stats), *blocks), backward(None, *blocks)
     with jax.enable_x64(True):
         ref = lambda q, k, v: pk.attention(q, k, v, causal=causal, implementation="xla")
         want, vjp = jax.vjp(ref, *(a.astype(np.float64) for a in (q, k, v)))
         want_grads = vjp(do.astype(np.float64))
     np.testing.assert_allclose(_whole(out), want, rtol=1e-5, atol=1e-5)
-    for name, got, w in zip("qkv", grads, want_grads):
-        np.testing.assert_allclose(_whole(got), w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
+    for grads in (kept, again):
+        for name, got, w in zip("qkv", grads, want_grads):
+            np.testing.assert_allclose(_whole(got), w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])

@@ -3,7 +3,8 @@
 The layout of each kernel's VJP residuals is inferred from how their shapes follow the operands'
 (checked here per kernel); on 8 simulated devices the backward that would recompute the forward
 is replaced by one returning NaN, so a gradient that is right (against float64) proves the saved
-residuals were used, and one that is NaN proves a fallback ran.
+residuals were used, and one that is NaN proves a fallback ran. The same holds for the
+collectives that run when a reduced axis is split: they keep what they completed.
 """
 import functools
 import json
@@ -16,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import numpy as np
+
 import pallas_kernels as pk
-from pallas_kernels import _sharding
+from pallas_kernels import _sharding, _target
 
 
 @pytest.fixture
@@ -80,6 +83,9 @@ SCRIPT = textwrap.dedent("""
     def poisoned(bound, fn, diff, primals, cotangents):  # a second forward would give NaN
         return [jnp.full_like(primals[j], jnp.nan) for j in diff]
 
+    def poisoned_collective(bound, backward, primals):  # so would a collective's
+        return [jnp.full_like(primals[j], jnp.nan) for j in bound.differentiable()]
+
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
@@ -100,6 +106,26 @@ SCRIPT = textwrap.dedent("""
             pk.linear_cross_entropy(x, w, labels, implementation=impl) if impl
             else linear_cross_entropy_reference(x, w, labels)),
             [arr(8, 16, 32), arr(32, 64)], [P("data"), P()]),
+        # split reduced axes: the collectives keep what they completed
+        "layer_norm_features_split": (lambda x, s, b, impl: (
+            pk.layer_norm(x, s, b, implementation=impl) if impl else layer_norm_reference(x, s, b)),
+            [arr(8, 16, 32), arr(32), arr(32)], [P("data", None, "model"), P("model"), P("model")]),
+        "linear_cross_entropy_vocab_split": (lambda x, w, impl: (
+            pk.linear_cross_entropy(x, w, labels, implementation=impl) if impl
+            else linear_cross_entropy_reference(x, w, labels)),
+            [arr(8, 16, 32), arr(32, 64)], [P("data"), P(None, "model")]),
+        "linear_cross_entropy_d_split": (lambda x, w, impl: (
+            pk.linear_cross_entropy(x, w, labels, implementation=impl) if impl
+            else linear_cross_entropy_reference(x, w, labels)),
+            [arr(8, 16, 32), arr(32, 64)], [P("data"), P("model")]),
+        "softmax_cross_entropy_vocab_split": (lambda z, impl: (
+            pk.softmax_cross_entropy(z, labels, implementation=impl) if impl
+            else jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, labels[..., None], -1)[..., 0]),
+            [arr(8, 16, 64)], [P("data", None, "model")]),
+        "attention_sequence_split": (
+            lambda q, k, v, impl: (pk.attention(q, k, v, causal=True, implementation=impl) if impl
+                                   else attention_reference(q, k, v, causal=True)),
+            [arr(2, 32, 4, 16), arr(2, 32, 2, 16), arr(2, 32, 2, 16)], [P(None, "model")] * 3),
         # rows flattened from (batch, sequence) with the sequence split: the saved statistics'
         # layout does not fit these blocks, so the backward runs the forward again
         "layer_norm_sequence_split": (lambda x, s, b, impl: (
@@ -107,7 +133,7 @@ SCRIPT = textwrap.dedent("""
             [arr(8, 16, 32), arr(32), arr(32)], [P("data", "model"), P(), P()]),
     }
     out = {}
-    recompute = _sharding._recomputed_vjp
+    recompute, rerun = _sharding._recomputed_vjp, _sharding._rerun_collective
     for name, (f, args, specs) in cases.items():
         argnums = tuple(range(len(args)))
         def loss(*a, impl, f=f, absolute=False):
@@ -119,8 +145,9 @@ SCRIPT = textwrap.dedent("""
             *[a.astype(np.float64) for a in args])
         size64 = loss(*[a.astype(np.float64) for a in args], impl=None, absolute=True)
         jax.config.update("jax_enable_x64", False)
-        for variant, fn in (("poisoned", poisoned), ("plain", recompute)):
-            _sharding._recomputed_vjp = fn
+        for variant, fn, again in (("poisoned", poisoned, poisoned_collective),
+                                   ("plain", recompute, rerun)):
+            _sharding._recomputed_vjp, _sharding._rerun_collective = fn, again
             step = jax.jit(jax.value_and_grad(functools.partial(loss, impl="pallas"), argnums=argnums),
                            in_shardings=tuple(NamedSharding(mesh, s) for s in specs))
             l, g = step(*args)
@@ -144,7 +171,11 @@ def _results() -> dict:
 
 
 @pytest.mark.parametrize("case", ["layer_norm", "attention_heads_split", "dense_columns",
-                                  "linear_cross_entropy"])
+                                  "linear_cross_entropy", "layer_norm_features_split",
+                                  "linear_cross_entropy_vocab_split",
+                                  "linear_cross_entropy_d_split",
+                                  "softmax_cross_entropy_vocab_split",
+                                  "attention_sequence_split"])
 def test_sharded_backward_uses_saved_residuals(case):
     for variant in ("poisoned", "plain"):
         r = _results()[f"{case}_{variant}"]
@@ -155,3 +186,80 @@ def test_residuals_that_do_not_fit_the_blocks_are_recomputed():
     assert _results()["layer_norm_sequence_split_poisoned"]["nan"]
     r = _results()["layer_norm_sequence_split_plain"]
     assert not r["nan"] and r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4, r
+
+
+# Each collective's backward, given what its forward kept and given nothing (it then runs the
+# forward again: the path taken should a backward ever plan differently from its forward), on
+# two shards held as a named vmap axis, against float64.
+
+_LAST = (lambda a: jnp.moveaxis(a.reshape(*a.shape[:-1], 2, -1), -2, 0),
+         lambda a, shape: jnp.moveaxis(a, 0, -2).reshape(shape))
+_FIRST = (lambda a: a.reshape(2, -1, *a.shape[1:]), lambda a, shape: a.reshape(shape))
+_WHOLE = (lambda a: jnp.stack([a, a]), lambda a, shape: a[0])  # the same on both shards
+
+
+def _collective_cases():
+    from pallas_kernels.layer_norm import sharding as norm
+    from pallas_kernels.linear_cross_entropy import sharding as lce
+    from pallas_kernels.softmax_cross_entropy import sharding as sce
+    rng = np.random.default_rng(3)
+    arr = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)  # noqa: E731
+    labels = rng.integers(0, 64, (4, 8)).astype(np.int32)
+    x, s, b, w = arr(4, 8, 32), arr(32), arr(32), arr(32, 64)
+
+    def nll(z, y):
+        return jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, y[..., None], -1)[..., 0]
+
+    def layer_norm(x, s, b):
+        return (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5) * s + b
+
+    def rms_norm(x, s):
+        return x / jnp.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * s
+
+    # name: (collective, operands, their splits, the output's split, reference, kwargs)
+    return {
+        "layer_norm": (norm.LAYER_NORM_FEATURE_PARALLEL, [x, s, b], [_LAST] * 3, _LAST,
+                       layer_norm, dict(eps=1e-5)),
+        "rms_norm": (norm.RMS_NORM_FEATURE_PARALLEL, [x, s], [_LAST] * 2, _LAST, rms_norm,
+                     dict(eps=1e-6)),
+        "softmax_cross_entropy": (sce.VOCAB_PARALLEL, [arr(4, 8, 64), labels], [_LAST, _WHOLE],
+                                  _WHOLE, nll, {}),
+        "linear_cross_entropy_vocab": (lce.VOCAB_PARALLEL[0], [x, w, labels],
+                                       [_WHOLE, _LAST, _WHOLE], _WHOLE,
+                                       lambda x, w, y: nll(x @ w, y), dict(w_layout="dv")),
+        "linear_cross_entropy_d": (lce.FEATURE_EXCHANGE[0], [x, w, labels],
+                                   [_LAST, _FIRST, _WHOLE], _WHOLE,
+                                   lambda x, w, y: nll(x @ w, y), dict(w_layout="dv")),
+    }
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "softmax_cross_entropy",
+                                  "linear_cross_entropy_vocab", "linear_cross_entropy_d"])
+def test_collective_backward_with_and_without_what_the_forward_kept(name):
+    collective, args, splits, out_split, reference, kwargs = _collective_cases()[name]
+    floats = [j for j, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating)]
+    blocks = [split(jnp.asarray(a)) for a, (split, _) in zip(args, splits)]
+    with jax.enable_x64(True):
+        args64 = [a.astype(np.float64) if j in floats else a for j, a in enumerate(args)]
+
+        def of_floats(*f):
+            return reference(*[f[floats.index(j)] if j in floats else a
+                               for j, a in enumerate(args64)])
+
+        want, vjp = jax.vjp(of_floats, *[args64[j] for j in floats])
+        cot = np.cos(np.arange(want.size).reshape(want.shape) / 3)
+        want_grads = vjp(cot)
+    with _target.using(_target.KernelChoice.of("pallas", "gpu")):
+        out, kept = jax.vmap(lambda *a: collective.forward("ring", 2, *a, **kwargs),
+                             axis_name="ring")(*blocks)
+        backward = jax.vmap(
+            lambda saved, c, *a: collective.backward("ring", 2, (c,), saved, *a, **kwargs),
+            axis_name="ring", in_axes=(0, 0, *[0] * len(blocks)))
+        cots = out_split[0](jnp.asarray(cot, jnp.float32))
+        with_kept = backward(((out,), kept), cots, *blocks)
+        again = backward(None, cots, *blocks)
+    np.testing.assert_allclose(out_split[1](out, want.shape), want, rtol=1e-5, atol=1e-5)
+    for grads in (with_kept, again):
+        for j, got, w in zip(floats, grads, want_grads):
+            np.testing.assert_allclose(splits[j][1](got, w.shape), w, rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{name}: gradient of operand {j}")

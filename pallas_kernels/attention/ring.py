@@ -7,7 +7,8 @@ each device attends its queries to the block it holds and merges the result into
 output with the blocks' row max and row sum (the flash-attention merge, in the base the kernels
 keep them in: 2 for Triton, e for Mosaic). With `causal` the first step is the diagonal block
 (masked causally), and a block from a later position (every block a device receives after it
-has passed its own predecessors) is skipped. The backward runs the ring again: the key/value
+has passed its own predecessors) is skipped. The forward keeps the rows' statistics; the
+backward runs the ring again with them: the key/value
 blocks travel with their gradient accumulators, each step adds the block pair's dK/dV (from the
 global statistics, so no second merge is needed) and dQ stays local; one last step returns the
 accumulators to their owners. Nothing of size sequence x sequence, and no whole sequence, is
@@ -20,6 +21,7 @@ sequence order is the mesh axes' row-major order, as `PartitionSpec` lays it out
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -78,15 +80,27 @@ def _ring_statistics(axes, shards, q, k, v, causal, scale):
 
 
 def ring_forward(axes, shards, q, k, v, *, causal, mask, bias, scale):
-    q, k, v, mask, bias, scale = canonicalize(q, k, v, mask, bias, scale)
-    out, _, _ = _ring_statistics(axes, shards, q, k, v, causal, scale)
-    return out.astype(q.dtype)
-
-
-def ring_backward(axes, shards, cotangents, q, k, v, *, causal, mask, bias, scale):
-    (do,) = cotangents
+    """(output, (row max, row sum), kept for the backward)."""
     q, k, v, mask, bias, scale = canonicalize(q, k, v, mask, bias, scale)
     out, m, l = _ring_statistics(axes, shards, q, k, v, causal, scale)
+    return out.astype(q.dtype), (m, l)
+
+
+def ring_saves(q, k, v, *, causal, mask, bias, scale):
+    """The row max and row sum ring_forward keeps: float32 (batch, heads, q)."""
+    stat = jax.ShapeDtypeStruct((q.shape[0], q.shape[2], q.shape[1]), _F32)
+    return stat, stat
+
+
+def ring_backward(axes, shards, cotangents, saved, q, k, v, *, causal, mask, bias, scale):
+    """`saved`: ((output,), (row max, row sum)) of ring_forward, or None to run the ring
+    forward again."""
+    (do,) = cotangents
+    q, k, v, mask, bias, scale = canonicalize(q, k, v, mask, bias, scale)
+    if saved is None:
+        out, m, l = _ring_statistics(axes, shards, q, k, v, causal, scale)
+    else:
+        ((out,), (m, l)) = saved
     out, inv_l = out.astype(q.dtype), 1.0 / l
     block_backward = _kernels()[1]
     dq = jnp.zeros(q.shape, _F32)

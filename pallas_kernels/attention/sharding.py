@@ -11,7 +11,7 @@ warning.
 from __future__ import annotations
 
 from pallas_kernels._sharding import Collective, ShardingRule
-from pallas_kernels.attention.ring import ring_backward, ring_forward
+from pallas_kernels.attention.ring import ring_backward, ring_forward, ring_saves
 
 _WHOLE = {
     "k": "the kernel's softmax runs over every key (ring attention takes keys split only with "
@@ -29,7 +29,13 @@ def _broadcast(x, names: str) -> str | None:
     return " ".join("1" if size == 1 else name for size, name in zip(x.shape, names.split()))
 
 
-_RING = Collective("k", ring_forward, ring_backward, companions=("q",))
+def _ring_saves(q, k, v, **kwargs):
+    group = q.shape[2] // k.shape[2]
+    heads = "g" if group == 1 else "g*r"
+    return tuple((f"b {heads} q", stat) for stat in ring_saves(q, k, v, **kwargs))
+
+
+_RING = Collective("k", ring_forward, ring_backward, companions=("q",), saves=_ring_saves)
 
 
 def attention_sharding(q, k, v, *, causal, mask, bias, scale):

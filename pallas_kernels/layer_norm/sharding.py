@@ -3,12 +3,13 @@
 Rows split freely. The features may split too (a residual stream placed over a tensor-parallel
 axis): each device then computes its rows' partial sums over its own features, one all-reduce of
 [rows] floats per statistic completes them, and the normalisation, scale and bias run locally on
-the device's features. The backward likewise all-reduces the two per-row sums it needs (one
-all-reduce of [rows, 2]). Neither the activations nor the parameters are gathered; these
+the device's features. The forward keeps the statistics; the backward all-reduces only the two
+per-row sums it needs (one all-reduce of [rows, 2]). Neither the activations nor the parameters are gathered; these
 per-shard paths are written in jnp (statistics in float32), not with the kernel.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -26,29 +27,38 @@ def _eps(eps):
 
 
 def _statistics(axes, shards, x32, eps, centred: bool):
-    """(x minus the mean or x itself, 1/sqrt(var + eps)), over the features of every shard."""
+    """(the mean, or None; 1/sqrt(var + eps)) of each row over the features of every shard,
+    float32 with the rows' shape."""
     features = x32.shape[-1] * shards
+    mean = None
     if centred:
-        mean = lax.psum(jnp.sum(x32, axis=-1, keepdims=True), axes) / features
-        x32 = x32 - mean
-    var = lax.psum(jnp.sum(x32 * x32, axis=-1, keepdims=True), axes) / features
-    return x32, lax.rsqrt(var + eps)
+        mean = lax.psum(jnp.sum(x32, axis=-1), axes) / features
+        x32 = x32 - mean[..., None]
+    var = lax.psum(jnp.sum(x32 * x32, axis=-1), axes) / features
+    return mean, lax.rsqrt(var + eps)
 
 
 def _forward(centred, axes, shards, x, scale=None, bias=None, *, eps):
-    xc, rstd = _statistics(axes, shards, x.astype(jnp.float32), eps, centred)
-    y = xc * rstd
+    """(output, (statistics kept for the backward))."""
+    x32 = x.astype(jnp.float32)
+    mean, rstd = _statistics(axes, shards, x32, eps, centred)
+    y = (x32 if mean is None else x32 - mean[..., None]) * rstd[..., None]
     if scale is not None:
         y = y * scale.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return y.astype(x.dtype), (rstd,) if mean is None else (mean, rstd)
 
 
-def _backward(centred, axes, shards, cotangents, x, scale=None, bias=None, *, eps):
+def _backward(centred, axes, shards, cotangents, saved, x, scale=None, bias=None, *, eps):
     (g,) = cotangents
     features = x.shape[-1] * shards
-    xc, rstd = _statistics(axes, shards, x.astype(jnp.float32), eps, centred)
+    x32 = x.astype(jnp.float32)
+    stats = _statistics(axes, shards, x32, eps, centred) if saved is None else (
+        saved[1] if centred else (None, *saved[1]))
+    mean, rstd = stats
+    xc = x32 if mean is None else x32 - mean[..., None]
+    rstd = rstd[..., None]
     xhat = xc * rstd
     g32 = g.astype(jnp.float32)
     gh = g32 if scale is None else g32 * scale.astype(jnp.float32)
@@ -76,20 +86,30 @@ def _layer_norm_forward(axes, shards, x, scale=None, bias=None, *, eps):
     return _forward(True, axes, shards, x, scale, bias, eps=eps)
 
 
-def _layer_norm_backward(axes, shards, cotangents, x, scale=None, bias=None, *, eps):
-    return _backward(True, axes, shards, cotangents, x, scale, bias, eps=eps)
+def _layer_norm_backward(axes, shards, cotangents, saved, x, scale=None, bias=None, *, eps):
+    return _backward(True, axes, shards, cotangents, saved, x, scale, bias, eps=eps)
 
 
 def _rms_norm_forward(axes, shards, x, scale=None, *, eps):
     return _forward(False, axes, shards, x, scale, eps=eps)
 
 
-def _rms_norm_backward(axes, shards, cotangents, x, scale=None, *, eps):
-    return _backward(False, axes, shards, cotangents, x, scale, eps=eps)
+def _rms_norm_backward(axes, shards, cotangents, saved, x, scale=None, *, eps):
+    return _backward(False, axes, shards, cotangents, saved, x, scale, eps=eps)
 
 
-LAYER_NORM_FEATURE_PARALLEL = Collective("f", _layer_norm_forward, _layer_norm_backward)
-RMS_NORM_FEATURE_PARALLEL = Collective("f", _rms_norm_forward, _rms_norm_backward)
+def _row_statistics(count):
+    """The float32 per-row statistics the forward keeps: (mean, rstd) or (rstd,)."""
+    def saves(x, *args, **kwargs):
+        stat = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
+        return ((batch_dims(x.ndim - 1), stat),) * count
+    return saves
+
+
+LAYER_NORM_FEATURE_PARALLEL = Collective("f", _layer_norm_forward, _layer_norm_backward,
+                                         saves=_row_statistics(2))
+RMS_NORM_FEATURE_PARALLEL = Collective("f", _rms_norm_forward, _rms_norm_backward,
+                                       saves=_row_statistics(1))
 
 
 def layer_norm_sharding(x, scale=None, bias=None, *, eps):

@@ -4,11 +4,13 @@ Tokens split freely. The vocabulary may: with the weight's vocabulary axis split
 axes, as in a tensor-parallel language-model head, each device runs the kernels on its own
 columns and the shards combine their log-sum-exp statistics and picked logits with one
 all-reduce of [tokens] floats (Megatron-LM's vocabulary-parallel cross-entropy); the backward's
-logit gradients need only the combined log-sum-exp, and the input gradient adds the shards'
+logit gradients need only the combined log-sum-exp, which the forward keeps (so the backward
+runs no forward kernel and no statistics all-reduce), and the input gradient adds the shards'
 parts. With d split instead (the logits contract it; a tied embedding split on its features),
 the shards exchange the weight into a vocabulary split with an all-to-all (a device sends 1/n
 of what gathering the weight would send over n shards), gather the activations and run the
-same; the backward exchanges again (it recomputes the forward), returns the weight's gradient by
+same; the backward exchanges again (its kernel reads the exchanged weight; the log-sum-exp is
+the forward's), returns the weight's gradient by
 all-to-all and reduce-scatters the input's: 3/n of a gather's bytes, and each device holds 1/n
 of the weight and of its gradient instead of all of both. Neither the weight nor the logits are
 ever gathered; with both d and the vocabulary split, the vocabulary's split is kept and d is
@@ -58,9 +60,9 @@ def _local_kernels(implementation: str, x2d, w, w_layout) -> _Local:
                                                                  w_layout, config))
 
 
-def _statistics(implementation, axes, shards, x, w, labels, w_layout):
-    """This shard's kernels, its labels (-1 where another shard holds the class), whether the
-    global label is valid, and the combined log-sum-exp and picked logit."""
+def _shard(implementation, axes, shards, x, w, labels, w_layout):
+    """This shard's kernels, its labels (-1 where another shard holds the class) and whether
+    the global label is valid."""
     vocab_local = w.shape[1] if w_layout == "dv" else w.shape[0]
     vocab = vocab_local * shards
     dtype = jnp.result_type(x, w)
@@ -70,35 +72,45 @@ def _statistics(implementation, axes, shards, x, w, labels, w_layout):
     local = global_labels - lax.axis_index(axes) * vocab_local
     here = (local >= 0) & (local < vocab_local)
     local = jnp.where(here, local, -1)
-    kernels = _local_kernels(implementation, x2d, w.astype(dtype), w_layout)
-    loss, lse = kernels.forward(local)
-    picked = lax.psum(jnp.where(here, lse - loss, 0.0), axes)
-    top = lax.pmax(lse, axes)
-    lse = jnp.log(lax.psum(jnp.exp(lse - top), axes)) + top
-    return kernels, local, valid, lse, picked
+    return _local_kernels(implementation, x2d, w.astype(dtype), w_layout), local, valid
 
 
 def _forward(implementation, axes, shards, x, w, labels, *, w_layout):
+    """(loss, (the combined log-sum-exp, kept for the backward))."""
     if labels.size == 0:
-        return jnp.zeros(labels.shape, linear_loss_dtype(x, w))
-    _, _, valid, lse, picked = _statistics(implementation, axes, shards, x, w, labels, w_layout)
+        return (jnp.zeros(labels.shape, linear_loss_dtype(x, w)),
+                (jnp.zeros(labels.shape, jnp.float32),))
+    kernels, local, valid = _shard(implementation, axes, shards, x, w, labels, w_layout)
+    loss, lse = kernels.forward(local)
+    picked = lax.psum(jnp.where(local >= 0, lse - loss, 0.0), axes)
+    top = lax.pmax(lse, axes)
+    lse = jnp.log(lax.psum(jnp.exp(lse - top), axes)) + top
     loss = jnp.where(valid, lse - picked, jnp.nan)
-    return loss.astype(linear_loss_dtype(x, w)).reshape(labels.shape)
+    return (loss.astype(linear_loss_dtype(x, w)).reshape(labels.shape),
+            (lse.reshape(labels.shape),))
 
 
-def _backward(implementation, axes, shards, cotangents, x, w, labels, *, w_layout):
+def _backward(implementation, axes, shards, cotangents, saved, x, w, labels, *, w_layout):
     (dloss,) = cotangents
     if labels.size == 0:
         return jnp.zeros_like(x), jnp.zeros_like(w)
-    kernels, local, _, lse, _ = _statistics(implementation, axes, shards, x, w, labels, w_layout)
-    dx, dw = kernels.backward(local, lse, dloss.reshape(-1))
+    if saved is None:  # the forward did not keep its log-sum-exp: run it again
+        saved = (), _forward(implementation, axes, shards, x, w, labels, w_layout=w_layout)[1]
+    (lse,) = saved[1]
+    kernels, local, _ = _shard(implementation, axes, shards, x, w, labels, w_layout)
+    dx, dw = kernels.backward(local, lse.reshape(-1), dloss.reshape(-1))
     dx = lax.psum(dx.astype(jnp.float32), axes)
     return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
 
 
+def _saves(x, w, labels, *, w_layout):
+    """The combined log-sum-exp, one float32 per token."""
+    return ((batch_dims(labels.ndim), jax.ShapeDtypeStruct(labels.shape, jnp.float32)),)
+
+
 VOCAB_PARALLEL = tuple(
     Collective("v", functools.partial(_forward, impl), functools.partial(_backward, impl),
-               implementation=impl)
+               implementation=impl, saves=_saves)
     for impl in ("pallas", "xla"))
 
 
@@ -125,14 +137,17 @@ def _forward_d(implementation, axes, shards, x, w, labels, *, w_layout):
     return _forward(implementation, axes, shards, x, w, labels, w_layout=w_layout)
 
 
-def _backward_d(implementation, axes, shards, cotangents, x, w, labels, *, w_layout):
+def _backward_d(implementation, axes, shards, cotangents, saved, x, w, labels, *, w_layout):
     (dloss,) = cotangents
     if labels.size == 0:
         return jnp.zeros_like(x), jnp.zeros_like(w)
     x_local, w_local = x, w
     x, w = _to_vocabulary_split(axes, x, w, w_layout)
-    kernels, local, _, lse, _ = _statistics(implementation, axes, shards, x, w, labels, w_layout)
-    dx, dw = kernels.backward(local, lse, dloss.reshape(-1))
+    if saved is None:
+        saved = (), _forward(implementation, axes, shards, x, w, labels, w_layout=w_layout)[1]
+    (lse,) = saved[1]
+    kernels, local, _ = _shard(implementation, axes, shards, x, w, labels, w_layout)
+    dx, dw = kernels.backward(local, lse.reshape(-1), dloss.reshape(-1))
     dx = lax.psum_scatter(dx.astype(jnp.float32), axes, scatter_dimension=1, tiled=True)
     v_axis, d_axis = _axes_of_w(w_layout)
     dw = lax.all_to_all(dw.astype(w.dtype), axes, d_axis, v_axis, tiled=True)
@@ -141,7 +156,7 @@ def _backward_d(implementation, axes, shards, cotangents, x, w, labels, *, w_lay
 
 FEATURE_EXCHANGE = tuple(
     Collective("d", functools.partial(_forward_d, impl), functools.partial(_backward_d, impl),
-               implementation=impl, unless_split=("v",), divides=("v",))
+               implementation=impl, unless_split=("v",), divides=("v",), saves=_saves)
     for impl in ("pallas", "xla"))
 
 
