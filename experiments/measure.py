@@ -172,6 +172,14 @@ def compiled_memory(compiled) -> dict:
             "output_memory_bytes": int(analysis.output_size_in_bytes)}
 
 
+def interprets_kernels(implementation) -> bool:
+    """Whether `implementation` asks for Pallas kernels and this host runs them interpreted."""
+    import pallas_kernels
+
+    choice = pallas_kernels.KernelChoice.of(implementation)
+    return "pallas" in (choice.names or ()) and choice.interpret
+
+
 def device_memory() -> dict:
     """The device's allocator statistics where the backend keeps them (GPUs; None on CPU).
 

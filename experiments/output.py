@@ -124,6 +124,11 @@ def _pair(a: str, b: str) -> str:
     return f"{a} / {b}"
 
 
+def _as_calls(memory: dict | None) -> str:
+    """The optimized program's peak with Pallas kernels as opaque calls, where measured."""
+    return "" if not memory else f" ({_mb(memory.get('peak_memory_bytes'))} as calls)"
+
+
 def _si(x: float) -> str:
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= scale:
@@ -211,7 +216,8 @@ def results_tables(payload: dict) -> tuple[Table, Table]:
             r["label"],
             _pair(_short(b.get("compile_time_s"), ".2f"), _short(o.get("compile_time_s"), ".2f")),
             _short(None if o.get("pass_time_s") is None else o["pass_time_s"] * 1e3, ".1f"),
-            _pair(_mb(b.get("peak_memory_bytes")), _mb(o.get("peak_memory_bytes"))),
+            _pair(_mb(b.get("peak_memory_bytes")), _mb(o.get("peak_memory_bytes")))
+            + _as_calls(o.get("kernels_as_calls")),
             rewrites_text(o.get("rewrites")), style=style)
     return timing, costs
 
@@ -262,6 +268,7 @@ CSV_COLUMNS = (
     "baseline_compile_time_s", "optimized_compile_time_s", "pass_time_s",
     "baseline_peak_memory_bytes", "optimized_peak_memory_bytes",
     "baseline_temp_memory_bytes", "optimized_temp_memory_bytes",
+    "optimized_kernels_as_calls_peak_memory_bytes",
     "loss_initial_diff", "loss_final_diff", "grad_max_rel_diff", "rewrites_total", "rewrites",
     "error",
 )
@@ -282,6 +289,8 @@ def csv_row(r: dict) -> dict:
                     "peak_memory_bytes", "temp_memory_bytes"):
             row[f"{name}_{key}"] = v.get(key)
     o, n = r.get("optimized") or {}, r.get("numerics") or {}
+    row["optimized_kernels_as_calls_peak_memory_bytes"] = (
+        o.get("kernels_as_calls") or {}).get("peak_memory_bytes")
     row["pass_time_s"] = o.get("pass_time_s")
     row["rewrites_total"] = o.get("rewrites_total")
     row["rewrites"] = rewrites_text(o.get("rewrites")) if o.get("rewrites") is not None else None

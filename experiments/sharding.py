@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from experiments import measure
+
 PLACEMENTS = ("data", "tensor", "fsdp")
 
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
@@ -243,7 +245,7 @@ def compare(model: str, kind: str, mesh: Mesh, *, implementation=None, batch: in
         record["output_shardings"] = compiled.output_shardings
         out[name] = record
         out.setdefault("results", []).append(result)
-    if _interprets_kernels(implementation):
+    if measure.interprets_kernels(implementation):
         import pallas_kernels
 
         with pallas_kernels.opaque_kernels():
@@ -252,14 +254,6 @@ def compare(model: str, kind: str, mesh: Mesh, *, implementation=None, batch: in
             compiled = _step(stand_ins, ps, bs).lower(params, data).compile()
         out["kernels_as_calls"] = compiled_costs(compiled, mesh.size)
     return out
-
-
-def _interprets_kernels(implementation) -> bool:
-    """Whether `implementation` asks for Pallas kernels and this host runs them interpreted."""
-    import pallas_kernels
-
-    choice = pallas_kernels.KernelChoice.of(implementation)
-    return "pallas" in (choice.names or ()) and choice.interpret
 
 
 def mesh_table(models_: tuple[str, ...], mesh: Mesh, implementations=(None, "pallas"),

@@ -80,8 +80,14 @@ class Collective:
     # abstract global operands, gives `(dims, jax.ShapeDtypeStruct)` per kept array: global
     # arrays in the rule's factor names, so a plan places them like the results. With it, the
     # forward returns `(results, kept)` and the backward takes `saved` after the cotangents:
-    # `(the op's results, kept)`, or None where the forward did not run this collective.
+    # `(the op's results if `reads_results` else (), kept)`, or None where the forward did not
+    # run this collective.
     saves: Callable | None = None
+    reads_results: bool = False  # whether its backward reads the op's results (kept alive)
+    # Where several collectives (or gathering) can handle a split, whether this one is the one
+    # to run: `applies(sizes, splits, shards)` with every factor's global size, the number of
+    # shards each factor the plan has split so far is split into, and this split's own.
+    applies: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,16 +279,18 @@ class _Partitioned:
                 continue
             n = _size(mesh, mesh_axes)
             if f in self.rule.whole:
-                handler = self._collective(f)
-                if handler is not None and (
-                        any(u in first for u in handler.unless_split)
-                        or any(sizes.get(g, 0) % n for g in handler.divides)):
-                    handler = None
+                splits = {g: _size(mesh, ms) for g, ms in factor_axes.items()}
+                handler = next((
+                    c for c in self.rule.collectives
+                    if c.factor == f and not any(u in first for u in c.unless_split)
+                    and not any(sizes.get(g, 0) % n for g in c.divides)
+                    and (c.applies is None or c.applies(sizes, splits, n))), None)
                 if handler is None or collective is not None or size % n:
-                    report and _report_gather(
-                        f"pallas_kernels: {self.name}: {f!r} is split over mesh axes "
-                        f"{mesh_axes}, but {self.rule.whole[f]}; it is gathered for the "
-                        f"kernel")
+                    if report:
+                        _report_gather(
+                            f"pallas_kernels: {self.name}: {f!r} is split over mesh axes "
+                            f"{mesh_axes}, but {self.rule.whole[f]}; it is gathered for the "
+                            f"kernel")
                     continue
                 collective = handler
             elif size % n:
@@ -611,7 +619,7 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
         saved_shapes += [shape for _, shape in own]
     coded = residuals is not None or any(kept)
     code = [jax.ShapeDtypeStruct((), jnp.int32)] if coded else []
-    uses_results = any(kept) or (
+    uses_results = any(c.reads_results for c in rule.collectives) or (
         residuals is not None and any(k[0] == "result" for k in residuals.kinds))
 
     def index_of(collective):
@@ -671,8 +679,8 @@ def per_shard(name: str, fn: Callable, rule: ShardingRule, bound,
                 own = tuple(jnp.where(which == 2 + i, saved[k], jnp.nan)
                             if jnp.issubdtype(saved[k].dtype, jnp.inexact) else saved[k]
                             for k in slots[i])
-                return list(bound.call(functools.partial(backward, (tuple(results), own)),
-                                       primals))
+                mine = tuple(results) if collective.reads_results else ()
+                return list(bound.call(functools.partial(backward, (mine, own)), primals))
             recompute = lambda: _recomputed_vjp(bound, fn, diff, primals, cotangents)  # noqa: E731
             if residuals is None or not _fits(primals, saved[:n_kernel]):
                 return recompute()

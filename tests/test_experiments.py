@@ -199,6 +199,28 @@ def test_pipeline_none_rewrites_nothing_and_runs_at_the_same_speed(tmp_path):
     assert traces, "the profile folder holds no trace"
 
 
+def test_interpreted_kernels_report_their_memory_as_opaque_calls(tmp_path):
+    # On a CPU Pallas's interpreter copies every kernel operand; the driver also reports the
+    # optimized program's memory with each kernel one opaque call (as a GPU compiles it)
+    config = RunConfig(**MLP, implementation="pallas", steps=1, repeats=1, warmup=1,
+                       out=str(tmp_path))
+    payload = run_lib.run(config, verbose=False)
+    (r,) = payload["results"]
+    assert r["optimized"]["rewrites"], r["optimized"]["rewrites"]
+    as_calls = r["optimized"]["kernels_as_calls"]["peak_memory_bytes"]
+    assert as_calls < r["optimized"]["peak_memory_bytes"], (as_calls, r["optimized"])
+    _, costs = output.results_tables(payload)
+    console = Console(file=io.StringIO(), width=200)
+    console.print(costs)
+    assert f"({as_calls / 2**20:,.1f} as calls)" in console.file.getvalue()
+    (row,) = csv.DictReader((tmp_path / "results.csv").open())
+    assert int(row["optimized_kernels_as_calls_peak_memory_bytes"]) == as_calls
+    # the default implementation runs no interpreted kernel here: nothing to report
+    (plain,) = run_lib.run(RunConfig(**MLP, steps=1, repeats=1, warmup=1),
+                           verbose=False)["results"]
+    assert "kernels_as_calls" not in plain["optimized"]
+
+
 def _exp_too_large(x):
     return jnp.exp(x) * 1.5
 

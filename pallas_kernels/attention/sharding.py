@@ -35,7 +35,8 @@ def _ring_saves(q, k, v, **kwargs):
     return tuple((f"b {heads} q", stat) for stat in ring_saves(q, k, v, **kwargs))
 
 
-_RING = Collective("k", ring_forward, ring_backward, companions=("q",), saves=_ring_saves)
+_RING = Collective("k", ring_forward, ring_backward, companions=("q",), saves=_ring_saves,
+                   reads_results=True)
 
 
 def attention_sharding(q, k, v, *, causal, mask, bias, scale):

@@ -6,19 +6,26 @@ columns and the shards combine their log-sum-exp statistics and picked logits wi
 all-reduce of [tokens] floats (Megatron-LM's vocabulary-parallel cross-entropy); the backward's
 logit gradients need only the combined log-sum-exp, which the forward keeps (so the backward
 runs no forward kernel and no statistics all-reduce), and the input gradient adds the shards'
-parts. With d split instead (the logits contract it; a tied embedding split on its features),
-the shards exchange the weight into a vocabulary split with an all-to-all (a device sends 1/n
-of what gathering the weight would send over n shards), gather the activations and run the
-same; the backward exchanges again (its kernel reads the exchanged weight; the log-sum-exp is
-the forward's), returns the weight's gradient by
-all-to-all and reduce-scatters the input's: 3/n of a gather's bytes, and each device holds 1/n
-of the weight and of its gradient instead of all of both. Neither the weight nor the logits are
-ever gathered; with both d and the vocabulary split, the vocabulary's split is kept and d is
-gathered.
+parts.
+
+With d split instead (the logits contract it; a tied embedding split on its features), one of
+three, whichever sends the fewest bytes (`_costs`):
+- the weight exchanged into a vocabulary split with an all-to-all (a device sends 1/n of what
+  gathering the weight would send over n shards), the activations gathered, and the same
+  vocabulary-parallel kernels; the backward exchanges again (its kernel reads the exchanged
+  weight; the log-sum-exp is the forward's), returns the weight's gradient by all-to-all and
+  reduce-scatters the input's. Each device holds 1/n of the weight and of its gradient. Needs a
+  vocabulary the split divides; best with many tokens per device.
+- the partial logits all-reduced, as XLA does for the unfused head: best with few tokens per
+  device against the vocabulary; the forward keeps the logits and the backward sends nothing.
+- the weight gathered for the kernel, with the gather warning: where the vocabulary is not
+  divisible and the logits would be large.
+With both d and the vocabulary split, the vocabulary's split is kept and d is gathered.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -154,9 +161,91 @@ def _backward_d(implementation, axes, shards, cotangents, saved, x, w, labels, *
     return dx.astype(x.dtype).reshape(x_local.shape), dw.astype(w_local.dtype)
 
 
+# d split where the logits are small (few tokens per device against the weight): what XLA does
+# for the unfused head. Each device multiplies its features, one all-reduce of the [tokens,
+# vocab] partial logits completes them, and the cross-entropy runs on them locally; the forward
+# keeps the logits, so the backward needs no communication.
+
+def _weight_logits(x2d, w, w_layout):
+    return jnp.matmul(x2d, w if w_layout == "dv" else w.T, preferred_element_type=jnp.float32)
+
+
+def _forward_logits(axes, shards, x, w, labels, *, w_layout):
+    """(loss, (the complete float32 logits, kept for the backward))."""
+    vocab = w.shape[1] if w_layout == "dv" else w.shape[0]
+    if labels.size == 0:
+        return (jnp.zeros(labels.shape, linear_loss_dtype(x, w)),
+                (jnp.zeros((*labels.shape, vocab), jnp.float32),))
+    x2d = x.reshape(labels.size, x.shape[-1])
+    logits = lax.psum(_weight_logits(x2d, w, w_layout), axes)
+    flat = normalize_labels(labels.reshape(-1), vocab)
+    valid = (flat >= 0) & (flat < vocab)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, flat, 0)[:, None], axis=-1)[:, 0]
+    loss = jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, jnp.nan)
+    return (loss.astype(linear_loss_dtype(x, w)).reshape(labels.shape),
+            (logits.reshape(*labels.shape, vocab),))
+
+
+def _backward_logits(axes, shards, cotangents, saved, x, w, labels, *, w_layout):
+    (dloss,) = cotangents
+    if labels.size == 0:
+        return jnp.zeros_like(x), jnp.zeros_like(w)
+    if saved is None:
+        saved = (), _forward_logits(axes, shards, x, w, labels, w_layout=w_layout)[1]
+    vocab = w.shape[1] if w_layout == "dv" else w.shape[0]
+    logits = saved[1][0].reshape(labels.size, vocab)
+    flat = normalize_labels(labels.reshape(-1), vocab)
+    onehot = flat[:, None] == jnp.arange(vocab, dtype=flat.dtype)
+    dlogits = (jax.nn.softmax(logits, axis=-1) - onehot) * dloss.reshape(-1, 1).astype(
+        jnp.float32)
+    x2d = x.reshape(labels.size, x.shape[-1])
+    wt = (w if w_layout == "dv" else w.T).astype(jnp.float32)
+    dx = jnp.matmul(dlogits, wt.T, preferred_element_type=jnp.float32)
+    dw = jnp.matmul(x2d.astype(jnp.float32).T, dlogits, preferred_element_type=jnp.float32)
+    return (dx.astype(x.dtype).reshape(x.shape),
+            (dw if w_layout == "dv" else dw.T).astype(w.dtype))
+
+
+def _saves_logits(x, w, labels, *, w_layout):
+    vocab = w.shape[1] if w_layout == "dv" else w.shape[0]
+    return ((f"{batch_dims(labels.ndim)} v",
+             jax.ShapeDtypeStruct((*labels.shape, vocab), jnp.float32)),)
+
+
+# Which of the three a d split gets, by the elements each device sends (ring algorithms, in
+# units of (n - 1) / n): the logits' all-reduce sends 2 T V (T tokens per device, V the
+# vocabulary); the exchange 3 V D / n (three all-to-alls of the weight) plus 3 T D (the
+# activations gathered twice, their gradient reduce-scattered); gathering the weight for the
+# kernel 2 V D (the weight gathered, its gradient reduce-scattered) plus 2 T D. The logits are
+# also what a device holds until the backward, where the other two hold 1/n of the weight or all
+# of it.
+
+def _costs(sizes, splits, n):
+    tokens = math.prod(size // splits.get(f, 1) for f, size in sizes.items()
+                       if f.startswith("a"))
+    v, d = sizes["v"], sizes["d"]
+    return dict(logits=2 * tokens * v, exchange=3 * v * d / n + 3 * tokens * d,
+                gather=2 * v * d + 2 * tokens * d)
+
+
+def _exchange_applies(sizes, splits, n):
+    costs = _costs(sizes, splits, n)
+    return costs["exchange"] < costs["logits"]
+
+
+def _logits_apply(sizes, splits, n):
+    costs = _costs(sizes, splits, n)
+    return costs["logits"] <= costs["gather"]
+
+
 FEATURE_EXCHANGE = tuple(
     Collective("d", functools.partial(_forward_d, impl), functools.partial(_backward_d, impl),
-               implementation=impl, unless_split=("v",), divides=("v",), saves=_saves)
+               implementation=impl, unless_split=("v",), divides=("v",), saves=_saves,
+               applies=_exchange_applies)
+    for impl in ("pallas", "xla"))
+PARTIAL_LOGITS = tuple(
+    Collective("d", _forward_logits, _backward_logits, implementation=impl,
+               unless_split=("v",), saves=_saves_logits, applies=_logits_apply)
     for impl in ("pallas", "xla"))
 
 
@@ -167,4 +256,4 @@ def linear_cross_entropy_sharding(x, w, labels, *, w_layout):
                 results=(rows,),
                 whole={"d": "the logits contract d",
                        "v": "the log-sum-exp runs over the whole vocabulary"},
-                collectives=VOCAB_PARALLEL + FEATURE_EXCHANGE)
+                collectives=VOCAB_PARALLEL + FEATURE_EXCHANGE + PARTIAL_LOGITS)
