@@ -122,6 +122,10 @@ SCRIPT = textwrap.dedent("""
             pk.softmax_cross_entropy(z, labels, implementation=impl) if impl
             else jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, labels[..., None], -1)[..., 0]),
             [arr(8, 16, 64)], [P("data", None, "model")]),
+        "dense_rows_split": (lambda x, w, b, impl: (
+            pk.dense_act(x, w, b, activation="gelu_tanh", implementation=impl) if impl
+            else dense_act_reference(x, w, b, activation="gelu_tanh")),
+            [arr(8, 16, 32), arr(32, 64), arr(64)], [P("data", None, "model"), P("model"), P()]),
         "attention_sequence_split": (
             lambda q, k, v, impl: (pk.attention(q, k, v, causal=True, implementation=impl) if impl
                                    else attention_reference(q, k, v, causal=True)),
@@ -174,7 +178,7 @@ def _results() -> dict:
                                   "linear_cross_entropy", "layer_norm_features_split",
                                   "linear_cross_entropy_vocab_split",
                                   "linear_cross_entropy_d_split",
-                                  "softmax_cross_entropy_vocab_split",
+                                  "softmax_cross_entropy_vocab_split", "dense_rows_split",
                                   "attention_sequence_split"])
 def test_sharded_backward_uses_saved_residuals(case):
     for variant in ("poisoned", "plain"):
@@ -199,6 +203,7 @@ _WHOLE = (lambda a: jnp.stack([a, a]), lambda a, shape: a[0])  # the same on bot
 
 
 def _collective_cases():
+    from pallas_kernels.dense_act import sharding as dense
     from pallas_kernels.layer_norm import sharding as norm
     from pallas_kernels.linear_cross_entropy import sharding as lce
     from pallas_kernels.softmax_cross_entropy import sharding as sce
@@ -230,11 +235,21 @@ def _collective_cases():
         "linear_cross_entropy_d": (lce.FEATURE_EXCHANGE[0], [x, w, labels],
                                    [_LAST, _FIRST, _WHOLE], _WHOLE,
                                    lambda x, w, y: nll(x @ w, y), dict(w_layout="dv")),
+        "linear_cross_entropy_logits": (lce.PARTIAL_LOGITS[0], [x, w, labels],
+                                        [_LAST, _FIRST, _WHOLE], _WHOLE,
+                                        lambda x, w, y: nll(x @ w, y), dict(w_layout="dv")),
+        "dense_act": (dense.DENSE_ROW_PARALLEL, [x, w, arr(64)], [_LAST, _FIRST, _WHOLE], _WHOLE,
+                      lambda x, w, b: jax.nn.gelu(x @ w + b, approximate=True),
+                      dict(activation="gelu_tanh")),
+        "gated_dense": (dense.GATED_ROW_PARALLEL, [x, w, arr(32, 64)], [_LAST, _FIRST, _FIRST],
+                        _WHOLE, lambda x, wg, wu: jax.nn.silu(x @ wg) * (x @ wu),
+                        dict(activation="silu")),
     }
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "softmax_cross_entropy",
-                                  "linear_cross_entropy_vocab", "linear_cross_entropy_d"])
+                                  "linear_cross_entropy_vocab", "linear_cross_entropy_d",
+                                  "linear_cross_entropy_logits", "dense_act", "gated_dense"])
 def test_collective_backward_with_and_without_what_the_forward_kept(name):
     collective, args, splits, out_split, reference, kwargs = _collective_cases()[name]
     floats = [j for j, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating)]

@@ -5,8 +5,8 @@ layers, runs locally; the input gradient adds the shards' parts). d_in may split
 weight, FSDP-style, or an input split over its features): as in Megatron's row-parallel layers,
 each device multiplies its own slice of d_in, one all-reduce of the [rows, d_out] partial sums
 completes the pre-activation (both of gated_dense's in the same all-reduce), and the bias and
-activation run on the complete sum. The backward recomputes that sum, and every gradient then
-stays local: the input's on its own d_in slice, the weights' on their own rows. These per-shard
+activation run on the complete sum. The forward keeps that sum (in the result's dtype, as the
+unfused program does), and every gradient then stays local: the input's on its own d_in slice, the weights' on their own rows. These per-shard
 paths are written in jnp (float32 accumulation), not with the kernel.
 """
 from __future__ import annotations
@@ -36,14 +36,23 @@ def _dense_pre(axes, x, w, b):
     return z if b is None else z + b.astype(jnp.float32)
 
 
+def _kept_dtype(*operands):
+    """What the complete pre-activations are kept in: the result's dtype (as the unfused program
+    keeps them)."""
+    return jnp.result_type(*operands)
+
+
 def _dense_forward(axes, shards, x, w, b=None, *, activation):
-    dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
-    return _XLA_ACTIVATIONS[activation](_dense_pre(axes, x, w, b)).astype(dtype)
-
-
-def _dense_backward(axes, shards, cotangents, x, w, b=None, *, activation):
-    (g,) = cotangents
+    """(output, (the complete pre-activation, kept for the backward))."""
+    operands = (x, w) if b is None else (x, w, b)
     z = _dense_pre(axes, x, w, b)
+    return (_XLA_ACTIVATIONS[activation](z).astype(jnp.result_type(*operands)),
+            (z.astype(_kept_dtype(*operands)),))
+
+
+def _dense_backward(axes, shards, cotangents, saved, x, w, b=None, *, activation):
+    (g,) = cotangents
+    z = _dense_pre(axes, x, w, b) if saved is None else saved[1][0].astype(jnp.float32)
     _, act_vjp = jax.vjp(_XLA_ACTIVATIONS[activation], z)
     (dz,) = act_vjp(g.astype(jnp.float32))
     dx = jnp.matmul(dz.astype(w.dtype), w.T, preferred_element_type=jnp.float32)
@@ -58,13 +67,17 @@ def _gated_pre(axes, x, w_gate, w_up):
 
 
 def _gated_forward(axes, shards, x, w_gate, w_up, *, activation):
+    """(output, (the complete gate and up pre-activations, kept for the backward))."""
     gate, up = _gated_pre(axes, x, w_gate, w_up)
-    return (_XLA_ACTIVATIONS[activation](gate) * up).astype(jnp.result_type(x, w_gate, w_up))
+    kept = _kept_dtype(x, w_gate, w_up)
+    return ((_XLA_ACTIVATIONS[activation](gate) * up).astype(jnp.result_type(x, w_gate, w_up)),
+            (gate.astype(kept), up.astype(kept)))
 
 
-def _gated_backward(axes, shards, cotangents, x, w_gate, w_up, *, activation):
+def _gated_backward(axes, shards, cotangents, saved, x, w_gate, w_up, *, activation):
     (g,) = cotangents
-    gate, up = _gated_pre(axes, x, w_gate, w_up)
+    gate, up = (_gated_pre(axes, x, w_gate, w_up) if saved is None
+                else (a.astype(jnp.float32) for a in saved[1]))
     act, act_vjp = jax.vjp(_XLA_ACTIVATIONS[activation], gate)
     g32 = g.astype(jnp.float32)
     (dgate,) = act_vjp(g32 * up)
@@ -75,8 +88,17 @@ def _gated_backward(axes, shards, cotangents, x, w_gate, w_up, *, activation):
             _rows_t(x, dup).astype(w_up.dtype)]
 
 
-DENSE_ROW_PARALLEL = Collective("i", _dense_forward, _dense_backward)
-GATED_ROW_PARALLEL = Collective("i", _gated_forward, _gated_backward)
+def _pre_activations(count):
+    """The [rows, d_out] pre-activations the forward keeps."""
+    def saves(x, w, *args, **kwargs):
+        rows = batch_dims(x.ndim - 1)
+        kept = _kept_dtype(x, w, *(a for a in args if a is not None))
+        return ((f"{rows} o", jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[-1]), kept)),) * count
+    return saves
+
+
+DENSE_ROW_PARALLEL = Collective("i", _dense_forward, _dense_backward, saves=_pre_activations(1))
+GATED_ROW_PARALLEL = Collective("i", _gated_forward, _gated_backward, saves=_pre_activations(2))
 
 
 def dense_act_sharding(x, w, b=None, *, activation):
