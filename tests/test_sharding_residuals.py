@@ -6,6 +6,7 @@ is replaced by one returning NaN, so a gradient that is right (against float64) 
 residuals were used, and one that is NaN proves a fallback ran. The same holds for the
 collectives that run when a reduced axis is split: they keep what they completed.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -278,3 +279,33 @@ def test_collective_backward_with_and_without_what_the_forward_kept(name):
         for j, got, w in zip(floats, grads, want_grads):
             np.testing.assert_allclose(splits[j][1](got, w.shape), w, rtol=1e-4, atol=1e-5,
                                        err_msg=f"{name}: gradient of operand {j}")
+
+
+@pytest.mark.parametrize("vocab,d,want", [
+    (512, 128, "logits"),       # gpt2-tiny "tensor": the weight as large as the logits
+    (50304, 768, "exchange"),   # GPT-2 small, its vocabulary padded
+    (50257, 768, "gather"),     # GPT-2 small's own vocabulary: no split divides it
+])
+def test_a_split_d_head_takes_the_plan_that_sends_least(vocab, d, want):
+    # linear cross-entropy's plan for a tied embedding split on d over "model" (2 shards), 8 x
+    # 1024 tokens (512 at gpt2-tiny's size) over "data" (4): what the partitioner would choose
+    from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+
+    from pallas_kernels.linear_cross_entropy import sharding as lce
+    mesh = AbstractMesh((4, 2), ("data", "model"))
+    seq = 1024 if vocab > 512 else 64
+    shapes = [((8, seq, d), jnp.float32, P("data")), ((vocab, d), jnp.float32, P(None, "model")),
+              ((8, seq), jnp.int32, P("data"))]
+    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+            for shape, dtype, spec in shapes]
+    rule = lce.linear_cross_entropy_sharding(*args, w_layout="vd")
+    rule = dataclasses.replace(rule, collectives=tuple(
+        c for c in rule.collectives if c.implementation == "pallas"))
+    part = _sharding._Partitioned("linear_cross_entropy", lambda *a: None, list(rule.args),
+                                  list(rule.results), rule, backward=False,
+                                  result_shapes=[jax.ShapeDtypeStruct((8, seq), jnp.float32)])
+    plan = part._plan(mesh, args, report=False)
+    got = {lce.FEATURE_EXCHANGE[0]: "exchange", lce.PARTIAL_LOGITS[0]: "logits",
+           None: "gather"}[plan.collective]
+    assert got == want, (plan, lce._costs({"a0": 8, "a1": seq, "d": d, "v": vocab},
+                                          {"a0": 4}, 2))
