@@ -21,15 +21,15 @@ import pytest
 import numpy as np
 
 import pallas_kernels as pk
-from pallas_kernels import _sharding, _target
+from pallas_kernels import _residuals, _sharding, _target
 
 
 @pytest.fixture
 def layouts(monkeypatch):
     monkeypatch.setattr(_sharding, "wanted", lambda: True)
-    _sharding._residual_layouts.clear()
-    yield lambda: {k[0]: v for k, v in _sharding._residual_layouts.items()}
-    _sharding._residual_layouts.clear()
+    _residuals.layouts.clear()
+    yield lambda: {k[0]: v for k, v in _residuals.layouts.items()}
+    _residuals.layouts.clear()
 
 
 def test_residual_layouts_of_the_gpu_kernels(layouts):
