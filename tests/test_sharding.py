@@ -217,7 +217,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     # A kernel with a contracted factor it cannot split gets its operand gathered, loudly; a
     # gathered weight's gradient keeps the weight's placement, each device reducing only its own
     # slice over "data" (not the whole gathered gradient).
-    contract = pk.Op("contract_d", shard_xla=True, sharding=lambda x, w: _sharding.ShardingRule(
+    contract = pk.Op("contract_d", shard_xla=True, sharding=lambda x, w: pk.ShardingRule(
         args=("a0 d", "d o"), kwargs={}, results=("a0 o",), whole={"d": "the product contracts d"}))
     contract.register("xla")(lambda x, w: x @ w)
     xc, wc = rng_d.standard_normal((16, 64)).astype(np.float32), rng_d.standard_normal((64, 48)).astype(np.float32)
