@@ -185,7 +185,7 @@ def measure_case(case: Case, config: RunConfig, device_kind: str,
                 case.pipeline, case.implementation))
             jitted = (train_step(stand_ins, tx, spec.update_stats) if train
                       else jax.jit(stand_ins))
-            compiled = jitted.lower(*variants["optimized"].state, batch).compile()
+            compiled, _ = _compile(jitted, *variants["optimized"].state, batch)
         records["optimized"]["kernels_as_calls"] = measure.compiled_memory(compiled)
     records["optimized"].update(_pass_report(optimized_loss, params, batch))
 

@@ -116,6 +116,12 @@ _gathers: list[str] = []
 _gathers_lock = threading.Lock()
 
 
+def row_statistic(rows: tuple) -> tuple[str, jax.ShapeDtypeStruct]:
+    """A float32 per row of a `rows`-shaped batch, as a collective declares what it keeps
+    (`Collective.saves`): its factor names ("a0 a1 ...", those of `batch_dims`) and shape."""
+    return batch_dims(len(rows)), jax.ShapeDtypeStruct(tuple(rows), jnp.float32)
+
+
 def gathers() -> list[str]:
     """Messages of every split `whole` factor gathered for a kernel so far, oldest first."""
     with _gathers_lock:

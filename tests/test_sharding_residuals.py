@@ -200,7 +200,12 @@ def test_residuals_that_do_not_fit_the_blocks_are_recomputed():
 _LAST = (lambda a: jnp.moveaxis(a.reshape(*a.shape[:-1], 2, -1), -2, 0),
          lambda a, shape: jnp.moveaxis(a, 0, -2).reshape(shape))
 _FIRST = (lambda a: a.reshape(2, -1, *a.shape[1:]), lambda a, shape: a.reshape(shape))
-_WHOLE = (lambda a: jnp.stack([a, a]), lambda a, shape: a[0])  # the same on both shards
+def _same_on_both(a, shape):
+    np.testing.assert_allclose(a[0], a[1], rtol=1e-6, atol=1e-7)  # replicated: shards agree
+    return a[0]
+
+
+_WHOLE = (lambda a: jnp.stack([a, a]), _same_on_both)
 
 
 def _collective_cases():

@@ -8,10 +8,9 @@ output with the blocks' row max and row sum (the flash-attention merge, in the b
 keep them in: 2 for Triton, e for Mosaic). With `causal` the first step is the diagonal block
 (masked causally), and a block from a later position (every block a device receives after it
 has passed its own predecessors) is skipped. The forward keeps the rows' statistics; the
-backward runs the ring again with them: the key/value
-blocks travel with their gradient accumulators, each step adds the block pair's dK/dV (from the
-global statistics, so no second merge is needed) and dQ stays local; one last step returns the
-accumulators to their owners. Nothing of size sequence x sequence, and no whole sequence, is
+backward runs the ring again with them: the key/value blocks travel with their gradient
+accumulators, each step adds the block pair's dK/dV (from the global statistics, so no second
+merge is needed) and dQ stays local; one last step returns the accumulators to their owners. Nothing of size sequence x sequence, and no whole sequence, is
 ever on one device.
 
 The block kernels are the "pallas" implementation's for the target platform (triton.py or

@@ -6,7 +6,8 @@ weight, FSDP-style, or an input split over its features): as in Megatron's row-p
 each device multiplies its own slice of d_in, one all-reduce of the [rows, d_out] partial sums
 completes the pre-activation (both of gated_dense's in the same all-reduce), and the bias and
 activation run on the complete sum. The forward keeps that sum (in the result's dtype, as the
-unfused program does), and every gradient then stays local: the input's on its own d_in slice, the weights' on their own rows. These per-shard
+unfused program does), and every gradient then stays local: the input's on its own d_in slice,
+the weights' on their own rows. These per-shard
 paths are written in jnp (float32 accumulation), not with the kernel.
 """
 from __future__ import annotations
@@ -36,18 +37,11 @@ def _dense_pre(axes, x, w, b):
     return z if b is None else z + b.astype(jnp.float32)
 
 
-def _kept_dtype(*operands):
-    """What the complete pre-activations are kept in: the result's dtype (as the unfused program
-    keeps them)."""
-    return jnp.result_type(*operands)
-
-
 def _dense_forward(axes, shards, x, w, b=None, *, activation):
     """(output, (the complete pre-activation, kept for the backward))."""
-    operands = (x, w) if b is None else (x, w, b)
+    dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
     z = _dense_pre(axes, x, w, b)
-    return (_XLA_ACTIVATIONS[activation](z).astype(jnp.result_type(*operands)),
-            (z.astype(_kept_dtype(*operands)),))
+    return _XLA_ACTIVATIONS[activation](z).astype(dtype), (z.astype(dtype),)
 
 
 def _dense_backward(axes, shards, cotangents, saved, x, w, b=None, *, activation):
@@ -69,9 +63,9 @@ def _gated_pre(axes, x, w_gate, w_up):
 def _gated_forward(axes, shards, x, w_gate, w_up, *, activation):
     """(output, (the complete gate and up pre-activations, kept for the backward))."""
     gate, up = _gated_pre(axes, x, w_gate, w_up)
-    kept = _kept_dtype(x, w_gate, w_up)
-    return ((_XLA_ACTIVATIONS[activation](gate) * up).astype(jnp.result_type(x, w_gate, w_up)),
-            (gate.astype(kept), up.astype(kept)))
+    dtype = jnp.result_type(x, w_gate, w_up)
+    return ((_XLA_ACTIVATIONS[activation](gate) * up).astype(dtype),
+            (gate.astype(dtype), up.astype(dtype)))
 
 
 def _gated_backward(axes, shards, cotangents, saved, x, w_gate, w_up, *, activation):
@@ -89,11 +83,12 @@ def _gated_backward(axes, shards, cotangents, saved, x, w_gate, w_up, *, activat
 
 
 def _pre_activations(count):
-    """The [rows, d_out] pre-activations the forward keeps."""
+    """The [rows, d_out] pre-activations the forward keeps, in the result's dtype (as the
+    unfused program keeps them)."""
     def saves(x, w, *args, **kwargs):
-        rows = batch_dims(x.ndim - 1)
-        kept = _kept_dtype(x, w, *(a for a in args if a is not None))
-        return ((f"{rows} o", jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[-1]), kept)),) * count
+        dtype = jnp.result_type(x, w, *(a for a in args if a is not None))
+        stat = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[-1]), dtype)
+        return ((f"{batch_dims(x.ndim - 1)} o", stat),) * count
     return saves
 
 

@@ -4,16 +4,15 @@ Rows split freely. The features may split too (a residual stream placed over a t
 axis): each device then computes its rows' partial sums over its own features, one all-reduce of
 [rows] floats per statistic completes them, and the normalisation, scale and bias run locally on
 the device's features. The forward keeps the statistics; the backward all-reduces only the two
-per-row sums it needs (one all-reduce of [rows, 2]). Neither the activations nor the parameters are gathered; these
-per-shard paths are written in jnp (statistics in float32), not with the kernel.
+per-row sums it needs (one all-reduce of [rows, 2]). Neither the activations nor the parameters
+are gathered; these per-shard paths are written in jnp (statistics in float32), not with the kernel.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._sharding import Collective, ShardingRule, batch_dims
+from pallas_kernels._sharding import Collective, ShardingRule, batch_dims, row_statistic
 
 _WHOLE = {"f": "each row's statistics run over all its features"}
 
@@ -101,8 +100,7 @@ def _rms_norm_backward(axes, shards, cotangents, saved, x, scale=None, *, eps):
 def _row_statistics(count):
     """The float32 per-row statistics the forward keeps: (mean, rstd) or (rstd,)."""
     def saves(x, *args, **kwargs):
-        stat = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
-        return ((batch_dims(x.ndim - 1), stat),) * count
+        return (row_statistic(x.shape[:-1]),) * count
     return saves
 
 

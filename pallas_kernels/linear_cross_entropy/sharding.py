@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._sharding import Collective, ShardingRule, batch_dims
+from pallas_kernels._sharding import Collective, ShardingRule, batch_dims, row_statistic
 from pallas_kernels.linear_cross_entropy.common import chunk_columns, linear_loss_dtype
 from pallas_kernels.linear_cross_entropy.triton import (linear_cross_entropy_backward,
                                                         linear_cross_entropy_config_heuristic,
@@ -112,7 +112,7 @@ def _backward(implementation, axes, shards, cotangents, saved, x, w, labels, *, 
 
 def _saves(x, w, labels, *, w_layout):
     """The combined log-sum-exp, one float32 per token."""
-    return ((batch_dims(labels.ndim), jax.ShapeDtypeStruct(labels.shape, jnp.float32)),)
+    return (row_statistic(labels.shape),)
 
 
 VOCAB_PARALLEL = tuple(
